@@ -1,0 +1,182 @@
+"""An asyncio front for LLMEngine: many coroutines, one stepping thread.
+
+The engine steps in a dedicated background thread so that the event loop
+(HTTP handlers, Ray Serve's replica loop) stays responsive while the model
+runs. Coroutines talk to it through a command queue; outputs come back to
+each request's asyncio.Queue with `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from engine.kv_cache import KVEvent
+from engine.llm_engine import EngineConfig, LLMEngine, PromptType
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped; no request can run on this engine any more."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: PromptType
+    params: SamplingParams
+    cache_salt: str | bytes | None
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncLLMEngine:
+    """Streams RequestOutputs to coroutines while one thread steps the engine."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: deque[_Add | _Abort] = deque()
+        self._wake = threading.Condition()
+        self._queues: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self._kv_events: deque[KVEvent] = deque()
+        self._stats: dict[str, float] = engine.stats()
+        self._stopped = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="shardline-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "AsyncLLMEngine":
+        return cls(LLMEngine(config))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams | None = None,
+        cache_salt: str | bytes | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield cumulative outputs of one request until it finishes.
+
+        A bad request raises ValueError before anything is queued. Leaving the
+        iterator early (a client disconnect, a cancellation) aborts the request
+        and frees its KV blocks.
+        """
+        if self._error is not None or self._stopped:
+            raise EngineDeadError(f"engine is not running: {self._error!r}")
+        params = params or SamplingParams()
+        _, ids = self.engine.tokenize_prompt(prompt)
+        self.engine.validate(ids, params)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        self._submit(_Add(request_id, prompt, params, cache_salt, queue, loop))
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request; its blocks are freed before the next step."""
+        self._submit(_Abort(request_id))
+
+    def _submit(self, command: _Add | _Abort) -> None:
+        with self._wake:
+            self._commands.append(command)
+            self._wake.notify()
+
+    def stats(self) -> dict[str, float]:
+        """The engine's load after its last step (see LLMEngine.stats)."""
+        return dict(self._stats, num_pending=len(self._commands))
+
+    def take_kv_events(self) -> list[KVEvent]:
+        """KV events since the last call."""
+        events = []
+        while self._kv_events:
+            events.append(self._kv_events.popleft())
+        return events
+
+    def shutdown(self) -> None:
+        """Stop the stepping thread; in-flight requests get EngineDeadError."""
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    # ---- the engine thread -------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._commands and not self.engine.has_unfinished_requests() and not self._stopped:
+                    self._wake.wait()
+                if self._stopped:
+                    break
+                commands = list(self._commands)
+                self._commands.clear()
+            for command in commands:
+                self._apply(command)
+            if not self.engine.has_unfinished_requests():
+                continue
+            try:
+                outputs = self.engine.step()
+            except BaseException as e:  # a model error must not hang the requests in flight
+                self._fail_all(e)
+                continue
+            self._kv_events.extend(self.engine.take_kv_events())
+            self._stats = self.engine.stats()
+            for out in outputs:
+                self._deliver(out.request_id, out, done=out.finished)
+        self._fail_all(EngineDeadError("engine shut down"))
+
+    def _apply(self, command: _Add | _Abort) -> None:
+        if isinstance(command, _Abort):
+            self.engine.abort_request(command.request_id)
+            self._queues.pop(command.request_id, None)
+            return
+        self._queues[command.request_id] = (command.queue, command.loop)
+        try:
+            self.engine.add_request(command.request_id, command.prompt, command.params, command.cache_salt)
+        except Exception as e:
+            self._deliver(command.request_id, e, done=True)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException, done: bool) -> None:
+        entry = self._queues.get(request_id)
+        if entry is None:
+            return
+        if done:
+            del self._queues[request_id]
+        queue, loop = entry
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:
+            pass  # the caller's loop is closed; nobody is listening
+
+    def _fail_all(self, error: BaseException) -> None:
+        self.engine.abort_request(self.engine.unfinished_request_ids())
+        if not isinstance(error, EngineDeadError):
+            error = RuntimeError(f"engine step failed: {error!r}")
+        for request_id in list(self._queues):
+            self._deliver(request_id, error, done=True)

@@ -1,0 +1,104 @@
+"""The offline API, shaped like vLLM's `LLM` so that its users are at home."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Sequence
+
+from tqdm import tqdm
+
+from engine.llm_engine import EngineConfig, LLMEngine, PromptType
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+Conversation = list[dict[str, Any]]
+
+
+class LLM:
+    """Generate from a batch of prompts with continuous batching.
+
+    Args:
+        model: a Hugging Face folder, or an alias pulled with `shardline pull`.
+        dtype: "float32" or "bfloat16".
+        max_model_len, max_num_seqs, max_num_batched_tokens, block_size: engine budgets.
+        num_kv_blocks / kv_cache_memory_gb: KV cache size, in blocks or as a memory budget.
+        enable_prefix_caching: share KV blocks of common prefixes across requests.
+        seed: seed of unseeded sampling.
+    """
+
+    def __init__(self, model: str, **kwargs: Any):
+        from engine.pull import resolve_model
+
+        self.engine = LLMEngine(EngineConfig(model=resolve_model(model), **kwargs))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in prompt order.
+
+        A bad prompt raises ValueError before anything runs.
+        """
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
+        # Validate everything first so that one bad prompt queues nothing.
+        for prompt, params in zip(prompts, params_list):
+            _, ids = self.engine.tokenize_prompt(prompt)
+            self.engine.validate(ids, params)
+        request_ids = [f"offline-{next(self._ids)}" for _ in prompts]
+        for rid, prompt, params in zip(request_ids, prompts, params_list):
+            self.engine.add_request(rid, prompt, params)
+        return self._run(request_ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: Conversation | Sequence[Conversation],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation, then generate."""
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise ValueError("this model has no tokenizer, so no chat template")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [
+            {
+                "prompt": text,
+                "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False),
+            }
+            for text in (tokenizer.apply_chat_template(c, add_generation_prompt) for c in conversations)
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Processed prompts", unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        num_generated = 0
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        num_generated += sum(len(o.token_ids) for o in out.outputs)
+                        bar.update(1)
+                        bar.set_postfix(output_tok_s=f"{num_generated / max(bar.format_dict['elapsed'], 1e-9):.1f}")
+        except BaseException:
+            self.engine.abort_request([r for r in request_ids if r not in done])
+            raise
+        finally:
+            bar.close()
+        return [done[r] for r in request_ids]

@@ -1,0 +1,389 @@
+"""The synchronous engine: validate and queue requests, step, and emit outputs.
+
+One step reads as schedule -> execute -> update_from_output; the output side
+then detokenizes, applies stop strings and assembles RequestOutputs. Parallel
+sampling (n > 1) fans a request out into n sequences sharing the prompt's
+cached blocks. The busy loop lives in the callers (LLM, AsyncLLMEngine).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from engine.config import ModelConfig
+from engine.kv_cache import KVCacheManager, KVEvent
+from engine.model_runner import ModelRunner
+from engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.weights import build_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# A prompt: text, or {"prompt_token_ids": [...]} (optionally with "prompt").
+PromptType = str | dict[str, Any]
+
+
+@dataclass
+class EngineConfig:
+    """Everything that shapes one engine instance.
+
+    Args:
+        model: a Hugging Face model folder or a pulled alias (see `shardline pull`).
+        dtype: weights and KV cache dtype, "float32" or "bfloat16".
+        max_model_len: context length (prompt plus output); default: the model's.
+        num_kv_blocks: KV cache size in blocks; default from kv_cache_memory_gb.
+        kv_cache_memory_gb: KV cache budget when num_kv_blocks is not given.
+        max_n: the largest `n` a request may ask for.
+    """
+
+    model: str
+    dtype: str = "float32"
+    max_model_len: int | None = None
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_gb: float = 2.0
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    seed: int | None = 0
+    max_n: int = 16
+    skip_tokenizer_init: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, num_kv_heads: int | None = None) -> int:
+    """Bytes of K and V for one block across all layers."""
+    heads = num_kv_heads or config.num_kv_heads
+    return 2 * config.num_layers * block_size * heads * config.head_dim * dtype.itemsize
+
+
+@dataclass
+class _Sequence:
+    """Output-side state of one of a request's n sequences."""
+
+    index: int
+    request: Request
+    detokenizer: IncrementalDetokenizer | None
+    text: str = ""
+    logprobs: list[PositionLogprobs] | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class _RequestState:
+    """Output-side state of one user request."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sequences: list[_Sequence]
+    arrival_time: float
+    first_token_time: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.sequences)
+
+
+class LLMEngine:
+    """A single-replica engine: paged KV cache, continuous batching, prefix caching."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        folder = Path(config.model)
+        self.model_config = ModelConfig.from_folder(folder)
+        mc = self.model_config
+        limit = mc.max_position_embeddings
+        if mc.sliding_window:
+            limit = min(limit, mc.sliding_window)
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context of {limit} tokens")
+        self.max_model_len = config.max_model_len or limit
+        dtype = DTYPES[config.dtype]
+        model = build_model(folder, dtype, max_positions=self.max_model_len)
+        self.tokenizer = None
+        if not config.skip_tokenizer_init and (folder / "tokenizer.json").is_file():
+            self.tokenizer = Tokenizer(folder)
+        self.eos_token_ids = frozenset(mc.eos_token_ids or ([self.tokenizer.eos_token_id] if self.tokenizer and self.tokenizer.eos_token_id is not None else []))
+
+        num_blocks = self._num_kv_blocks(dtype, model.layers[0].attention.n_kv_heads)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_batched_tokens=config.max_num_batched_tokens or max(2048, config.max_num_seqs),
+                max_num_seqs=config.max_num_seqs,
+                max_model_len=self.max_model_len,
+                enable_chunked_prefill=config.enable_chunked_prefill,
+            ),
+            KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching),
+        )
+        self.runner = ModelRunner(model, num_blocks, config.block_size, dtype, config.seed)
+        self._states: dict[str, _RequestState] = {}
+        self._seq_of: dict[str, tuple[_RequestState, _Sequence]] = {}
+
+    def _num_kv_blocks(self, dtype: torch.dtype, num_kv_heads: int) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        per_block = kv_bytes_per_block(self.model_config, cfg.block_size, dtype, num_kv_heads)
+        budget = int(cfg.kv_cache_memory_gb * (1 << 30)) // per_block
+        # Never more than every sequence at full length could use.
+        ceiling = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size)
+        return max(1, min(budget, ceiling))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.scheduler.kv.num_blocks
+
+    # ---- requests ----------------------------------------------------------
+
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """(text, token ids) of a prompt; raises ValueError on a malformed one."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: send {'prompt_token_ids': [...]} instead of text")
+            if not prompt:
+                raise ValueError("prompt is empty")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise ValueError("prompt_token_ids must be a list of integers")
+            return prompt.get("prompt"), list(ids)
+        raise ValueError("a prompt is a string or a dict with 'prompt_token_ids'")
+
+    def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
+        """Raise ValueError when this request could never run as asked."""
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty")
+        vocab = self.vocab_size
+        bad = [t for t in list(prompt_token_ids) + params.token_ids_in_use() if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if params.n > self.config.max_n:
+            raise ValueError(f"n={params.n} exceeds the limit of {self.config.max_n}")
+        reason = self.scheduler.check_fits(len(prompt_token_ids))
+        if reason:
+            raise ValueError(reason)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams | None = None,
+        cache_salt: str | bytes | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Validate and queue a request; raises ValueError (nothing queued) when it is bad."""
+        if request_id in self._states:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = params or SamplingParams()
+        text, ids = self.tokenize_prompt(prompt)
+        self.validate(ids, params)
+        salt = cache_salt.encode() if isinstance(cache_salt, str) else cache_salt
+        max_tokens = self.max_model_len - len(ids)
+        if params.max_tokens is not None:
+            max_tokens = min(max_tokens, params.max_tokens)
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        now = arrival_time if arrival_time is not None else time.time()
+        state = _RequestState(request_id, text, ids, params, [], now)
+        for i in range(params.n):
+            child_params = params.for_child(i) if params.n > 1 else params
+            child_id = request_id if params.n == 1 else f"{i}_{request_id}"
+            req = Request(
+                request_id=child_id,
+                prompt_token_ids=ids,
+                max_tokens=max_tokens,
+                stop_token_ids=stop_ids,
+                min_tokens=params.min_tokens,
+                cache_salt=salt,
+                sampling=child_params,
+                arrival_time=now,
+            )
+            detok = None
+            if self.tokenizer is not None:
+                detok = self.tokenizer.new_detokenizer(ids, params.skip_special_tokens)
+            seq = _Sequence(i, req, detok)
+            if params.logprobs is not None:
+                seq.logprobs, seq.cumulative_logprob = [], 0.0
+            state.sequences.append(seq)
+        self._states[request_id] = state
+        for seq in state.sequences:
+            self._seq_of[seq.request.request_id] = (state, seq)
+            self.scheduler.add_request(seq.request)
+
+    def abort_request(self, request_ids: str | Sequence[str]) -> None:
+        """Stop requests at once and free their KV blocks."""
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        for request_id in request_ids:
+            state = self._states.get(request_id)
+            if state is None:
+                continue
+            self.scheduler.finish_requests(
+                [s.request.request_id for s in state.sequences], RequestStatus.FINISHED_ABORTED
+            )
+        # Aborted requests produce no more output: forget them now.
+        for req in self.scheduler.take_finished():
+            self._finish_sequence(req)
+        for request_id in request_ids:
+            state = self._states.get(request_id)
+            if state is not None and state.finished:
+                self._forget(state)
+
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self._states)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._states)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._states)
+
+    # ---- the step ----------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; return the outputs of every request that progressed."""
+        sched = self.scheduler.schedule()
+        touched: dict[str, _RequestState] = {}
+        if not sched.is_empty:
+            result = self.runner.execute(sched)
+            updated = self.scheduler.update_from_output(sched, result.token_ids)
+            now = time.time()
+            for req, token_id, logprobs in self._aligned(sched, result, updated):
+                state, seq = self._seq_of[req.request_id]
+                if state.first_token_time is None:
+                    state.first_token_time = now
+                self._process_token(seq, token_id, logprobs)
+                touched[state.request_id] = state
+        for req in self.scheduler.take_finished():
+            state = self._finish_sequence(req)
+            if state is not None:
+                touched[state.request_id] = state
+        outputs = [self._make_output(state) for state in touched.values()]
+        for state in touched.values():
+            if state.finished:
+                self._forget(state)
+        return outputs
+
+    @staticmethod
+    def _aligned(sched, result, updated):
+        updated_ids = {id(r) for r in updated}
+        for i, s in enumerate(sched.scheduled):
+            if id(s.request) in updated_ids:
+                yield s.request, result.token_ids[i], result.logprobs[i]
+
+    def _process_token(self, seq: _Sequence, token_id: int, logprobs: PositionLogprobs | None) -> None:
+        if logprobs is not None and seq.logprobs is not None:
+            if self.tokenizer is not None:
+                for tid, lp in logprobs.items():
+                    lp.decoded_token = self.tokenizer.decode([tid], skip_special_tokens=False)
+            seq.logprobs.append(logprobs)
+            seq.cumulative_logprob += logprobs[token_id].logprob
+        if seq.detokenizer is None:
+            return
+        prev_len = len(seq.text)
+        seq.text += seq.detokenizer.step(token_id)
+        stop = self._find_stop_string(seq, prev_len)
+        if stop is not None and not seq.request.is_finished:
+            seq.stop_reason = stop
+            self.scheduler.finish_requests([seq.request.request_id], RequestStatus.FINISHED_STOPPED)
+
+    @staticmethod
+    def _find_stop_string(seq: _Sequence, prev_len: int) -> str | None:
+        """Cut the text at the earliest stop string that the new text completes."""
+        params = seq.request.sampling
+        best: tuple[int, str] | None = None
+        for stop in params.stop:
+            idx = seq.text.find(stop, max(0, prev_len - len(stop) + 1))
+            if idx != -1 and (best is None or idx < best[0]):
+                best = (idx, stop)
+        if best is None:
+            return None
+        idx, stop = best
+        seq.text = seq.text[: idx + len(stop)] if params.include_stop_str_in_output else seq.text[:idx]
+        return stop
+
+    def _finish_sequence(self, req: Request) -> _RequestState | None:
+        entry = self._seq_of.get(req.request_id)
+        if entry is None:
+            return None
+        state, seq = entry
+        seq.finish_reason = req.status.finish_reason
+        if seq.stop_reason is None:
+            seq.stop_reason = req.stop_reason
+        return state
+
+    def _forget(self, state: _RequestState) -> None:
+        del self._states[state.request_id]
+        for seq in state.sequences:
+            self._seq_of.pop(seq.request.request_id, None)
+
+    def _make_output(self, state: _RequestState) -> RequestOutput:
+        outputs = []
+        for seq in state.sequences:
+            text = seq.text
+            params = seq.request.sampling
+            if seq.finish_reason is None and params.stop and not params.include_stop_str_in_output:
+                # Hold back what could still become a stop string, so streamed text never shrinks.
+                hold = max(len(s) for s in params.stop) - 1
+                text = text[: max(0, len(text) - hold)]
+            outputs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=text,
+                    token_ids=list(seq.request.output_token_ids),
+                    cumulative_logprob=seq.cumulative_logprob,
+                    logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                )
+            )
+        metrics = {"arrival_time": state.arrival_time}
+        if state.first_token_time is not None:
+            metrics["first_token_time"] = state.first_token_time
+        return RequestOutput(
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
+            outputs=outputs,
+            finished=state.finished,
+            num_cached_tokens=max(0, max(s.request.num_cached_tokens for s in state.sequences)),
+            metrics=metrics,
+        )
+
+    # ---- observability -----------------------------------------------------
+
+    def take_kv_events(self) -> list[KVEvent]:
+        """Block hashes stored and evicted since the last call (for the cluster's index)."""
+        return self.scheduler.take_events()
+
+    def stats(self) -> dict[str, float]:
+        """Load figures a router or autoscaler reads."""
+        s = self.scheduler
+        return {
+            "num_running": len(s.running),
+            "num_waiting": len(s.waiting),
+            "num_free_blocks": s.kv.pool.num_free_blocks,
+            "num_blocks": s.kv.num_blocks,
+            "kv_usage": s.kv.pool.usage(),
+        }

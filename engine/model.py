@@ -1,0 +1,207 @@
+"""Llama-family decoder over a paged KV cache, in the spirit of gpt-fast's model.py.
+
+Tokens of every sequence in a step are packed into one flat batch
+([num_tokens, hidden]); `AttentionMetadata` says which tokens are decodes
+(one per sequence, first) and which are prefill chunks (after them), where
+each token's K/V goes in the cache, and each sequence's block table.
+The q/k/v and gate/up projections are fused (`wqkv`, `w13`) at load time.
+Tensor parallelism is applied from outside by changing the local head counts
+and swapping the linear layers (engine/tensor_parallel.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from engine.config import ModelConfig
+
+
+@dataclass
+class AttentionMetadata:
+    """How the packed tokens of one step map onto sequences and cache slots."""
+
+    # [num_tokens] int64: flat cache slot (block_id * block_size + offset) of each token.
+    slot_mapping: torch.Tensor
+    # Decode tokens come first, one per sequence.
+    num_decode_tokens: int
+    # [num_decodes, max_blocks] int32 and [num_decodes] int32 (context incl. the new token).
+    decode_block_tables: torch.Tensor
+    decode_context_lens: torch.Tensor
+    # [num_prefills, max_blocks] int32; [num_prefills + 1] offsets within the prefill
+    # tokens; [num_prefills] cached tokens after this step's writes.
+    prefill_block_tables: torch.Tensor
+    prefill_query_start_loc: torch.Tensor
+    prefill_context_lens: torch.Tensor
+
+
+def build_rope_cache(
+    head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None
+) -> torch.Tensor:
+    """[max_positions, head_dim] fp32: cos of each frequency in the first half, sin in the second."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is not None:
+        inv_freq = scale_inv_freq(inv_freq, scaling)
+    positions = torch.arange(max_positions, dtype=torch.float32)
+    freqs = torch.outer(positions, inv_freq)  # [max_positions, head_dim // 2]
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+
+def scale_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    """Apply "linear" or Llama-3 rope scaling to the inverse frequencies."""
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    factor = float(scaling["factor"])
+    if rope_type == "linear":
+        return inv_freq / factor
+    if rope_type != "llama3":
+        raise ValueError(f"unsupported rope scaling {rope_type!r}; supported: linear, llama3")
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class Transformer(nn.Module):
+    """Embedding, decoder blocks, final norm and LM head."""
+
+    def __init__(self, config: ModelConfig, max_positions: int | None = None):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        max_positions = max_positions or config.max_position_embeddings
+        rope = build_rope_cache(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
+        self.register_buffer("rope_cache", rope, persistent=False)
+
+    def setup_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
+        """Allocate each layer's paged K and V tensors: [num_blocks, block_size, kv_heads, head_dim]."""
+        for layer in self.layers:
+            attn = layer.attention
+            shape = (num_blocks, block_size, attn.n_kv_heads, attn.head_dim)
+            attn.k_cache = torch.zeros(shape, dtype=dtype, device=self.rope_cache.device)
+            attn.v_cache = torch.zeros(shape, dtype=dtype, device=self.rope_cache.device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [num_tokens]. Returns final hidden states [num_tokens, hidden]."""
+        h = self.tok_embeddings(input_ids)
+        residual = None
+        for layer in self.layers:
+            h, residual = layer(h, residual, positions, self.rope_cache, meta)
+        h, _ = self.norm(h, residual)
+        return h
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, hidden] -> fp32 logits [n, vocab]."""
+        return self.output(hidden).float()
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        rope_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h, residual = self.attention_norm(h, residual)
+        h = self.attention(h, positions, rope_cache, meta)
+        h, residual = self.ffn_norm(h, residual)
+        return self.feed_forward(h), residual
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.num_heads
+        self.n_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.wqkv = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.qkv_bias)
+        self.wo = nn.Linear(config.q_size, config.hidden_size, bias=False)
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rope_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(num_tokens, self.n_heads, self.head_dim)  # q: [tokens, heads, head_dim]
+        k = k.view(num_tokens, self.n_kv_heads, self.head_dim)  # k, v: [tokens, kv_heads, head_dim]
+        v = v.view(num_tokens, self.n_kv_heads, self.head_dim)
+        q, k = kernels.apply_rotary_emb(q, k, positions, rope_cache)
+
+        assert self.k_cache is not None and self.v_cache is not None, "setup_kv_cache() first"
+        # Write this step's K/V into their slots before attending: a sequence's
+        # queries read their own new keys from the cache like any cached ones.
+        self.k_cache.view(-1, self.n_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
+        self.v_cache.view(-1, self.n_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
+
+        nd = meta.num_decode_tokens
+        if nd == num_tokens:
+            out = kernels.paged_attention_decode(
+                q, self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale
+            )
+        else:
+            out = torch.empty_like(q)
+            if nd:
+                out[:nd] = kernels.paged_attention_decode(
+                    q[:nd], self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale
+                )
+            out[nd:] = kernels.paged_attention_prefill(
+                q[nd:],
+                self.k_cache,
+                self.v_cache,
+                meta.prefill_block_tables,
+                meta.prefill_query_start_loc,
+                meta.prefill_context_lens,
+                self.scale,
+            )
+        return self.wo(out.view(num_tokens, q_size))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w13 = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm that also adds the residual stream when given one."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (normed, residual stream after the add)."""
+        if residual is None:
+            return kernels.rms_norm(x, self.weight, self.eps), x
+        return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)

@@ -1,0 +1,127 @@
+"""Turns a SchedulerOutput into tensors, runs the model and samples.
+
+Inputs are prepared once per step with numpy over the whole batch (no
+per-token Python loops): token ids, positions, cache slots, block tables.
+Decode tokens (one per sequence) are packed first, prefill chunks after, as
+AttentionMetadata expects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from engine.model import AttentionMetadata, Transformer
+from engine.outputs import PositionLogprobs
+from engine.sampler import Sampler, SamplingRow
+from engine.scheduler import ScheduledRequest, SchedulerOutput
+
+
+@dataclass
+class ModelInput:
+    """One step's packed tensors, in packed order (decodes first)."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    # Indices into SchedulerOutput.scheduled, in packed order.
+    order: list[int]
+    # Rows of the hidden states whose logits are sampled, and the scheduled index of each.
+    sample_rows: torch.Tensor
+    sample_indices: list[int]
+
+
+@dataclass
+class RunnerOutput:
+    """Sampled token (or None) and logprobs per scheduled request, in scheduling order."""
+
+    token_ids: list[int | None] = field(default_factory=list)
+    logprobs: list[PositionLogprobs | None] = field(default_factory=list)
+
+
+def _block_table(rows: list[list[int]]) -> np.ndarray:
+    width = max((len(r) for r in rows), default=0) or 1
+    table = np.zeros((len(rows), width), dtype=np.int32)
+    for i, r in enumerate(rows):
+        table[i, : len(r)] = r
+    return table
+
+
+class ModelRunner:
+    """Owns the model, its KV cache tensors and the sampler."""
+
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, kv_dtype: torch.dtype, seed: int | None):
+        self.model = model
+        self.block_size = block_size
+        self.model.setup_kv_cache(num_blocks, block_size, kv_dtype)
+        self.sampler = Sampler(seed)
+
+    def prepare(self, out: SchedulerOutput) -> ModelInput:
+        """Pack the scheduled requests of one step into tensors."""
+        sched = out.scheduled
+        decodes = [i for i, s in enumerate(sched) if s.num_new_tokens == 1]
+        prefills = [i for i, s in enumerate(sched) if s.num_new_tokens > 1]
+        order = decodes + prefills
+        reqs: list[ScheduledRequest] = [sched[i] for i in order]
+
+        counts = np.array([s.num_new_tokens for s in reqs], dtype=np.int64)
+        starts = np.array([s.start_pos for s in reqs], dtype=np.int64)
+        ends = np.cumsum(counts)
+        total = int(ends[-1])
+        # positions[t] = start of t's sequence + t's offset within its chunk
+        seq_of_token = np.repeat(np.arange(len(reqs)), counts)
+        positions = starts[seq_of_token] + np.arange(total) - (ends - counts)[seq_of_token]
+        tokens: list[int] = []
+        for s in reqs:
+            tokens.extend(s.request.all_token_ids[s.start_pos : s.start_pos + s.num_new_tokens])
+        table = _block_table([s.block_ids for s in reqs])
+        bs = self.block_size
+        slots = table[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        context_lens = (starts + counts).astype(np.int32)
+
+        nd = len(decodes)
+        prefill_starts = np.concatenate(([0], ends[nd:] - (ends[nd - 1] if nd else 0)))
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(slots),
+            num_decode_tokens=nd,
+            decode_block_tables=torch.from_numpy(table[:nd]),
+            decode_context_lens=torch.from_numpy(context_lens[:nd]),
+            prefill_block_tables=torch.from_numpy(table[nd:]),
+            prefill_query_start_loc=torch.from_numpy(prefill_starts.astype(np.int32)),
+            prefill_context_lens=torch.from_numpy(context_lens[nd:]),
+        )
+        sample_pos = [j for j, s in enumerate(reqs) if s.sample]
+        return ModelInput(
+            input_ids=torch.tensor(tokens, dtype=torch.long),
+            positions=torch.from_numpy(positions),
+            meta=meta,
+            order=order,
+            sample_rows=torch.from_numpy(ends[sample_pos] - 1),
+            sample_indices=[order[j] for j in sample_pos],
+        )
+
+    @torch.inference_mode()
+    def compute_logits(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
+        """Run the model; fp32 logits of the sampled rows and their scheduled indices."""
+        inp = self.prepare(out)
+        hidden = self.model(inp.input_ids, inp.positions, inp.meta)
+        return self.model.compute_logits(hidden[inp.sample_rows]), inp.sample_indices
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        """Run one step and sample a token for every request that reached its end."""
+        logits, indices = self.compute_logits(out)
+        result = RunnerOutput(token_ids=[None] * len(out.scheduled), logprobs=[None] * len(out.scheduled))
+        if not indices:
+            return result
+        rows = []
+        for i in indices:
+            req = out.scheduled[i].request
+            rows.append(SamplingRow(req.sampling, req.prompt_token_ids, req.output_token_ids, req.stop_token_ids))
+        sampled = self.sampler(logits, rows)
+        for j, i in enumerate(indices):
+            result.token_ids[i] = sampled.token_ids[j]
+            result.logprobs[i] = sampled.logprobs[j]
+        return result

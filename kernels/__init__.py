@@ -1,0 +1,75 @@
+"""Compute kernels: a torch reference for each, Triton where registered, one dispatch point.
+
+The engine calls only the functions below; `kernels.dispatch.resolve` picks
+the implementation (see its docstring for the rules and the override).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import reference
+from kernels.dispatch import register, resolve
+
+register("paged_attention_decode", torch_impl=reference.paged_attention_decode)
+register("paged_attention_prefill", torch_impl=reference.paged_attention_prefill)
+register("rms_norm", torch_impl=reference.rms_norm)
+register("fused_add_rms_norm", torch_impl=reference.fused_add_rms_norm)
+register("apply_rotary_emb", torch_impl=reference.apply_rotary_emb)
+
+
+def paged_attention_decode(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Decode attention over block tables: [num_seqs, num_heads, head_dim] -> same shape."""
+    fn = resolve("paged_attention_decode", impl, query.device)
+    return fn(query, key_cache, value_cache, block_tables, context_lens, scale)
+
+
+def paged_attention_prefill(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Causal prefill attention over a cached prefix for packed variable-length chunks."""
+    fn = resolve("paged_attention_prefill", impl, query.device)
+    return fn(query, key_cache, value_cache, block_tables, query_start_loc, context_lens, scale)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str = "auto") -> torch.Tensor:
+    """RMSNorm over the last dimension."""
+    return resolve("rms_norm", impl, x.device)(x, weight, eps)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, impl: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual), x + residual)."""
+    return resolve("fused_add_rms_norm", impl, x.device)(x, residual, weight, eps)
+
+
+def apply_rotary_emb(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, impl: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding of q and k at `positions` (half-split layout)."""
+    return resolve("apply_rotary_emb", impl, q.device)(q, k, positions, cos_sin_cache)
+
+
+__all__ = [
+    "paged_attention_decode",
+    "paged_attention_prefill",
+    "rms_norm",
+    "fused_add_rms_norm",
+    "apply_rotary_emb",
+]

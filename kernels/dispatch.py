@@ -1,0 +1,53 @@
+"""The one place that picks a kernel implementation.
+
+Every kernel has a torch reference (`kernels.reference`) and may have a
+Triton version registered here. `impl="auto"` takes Triton for CUDA tensors
+when it is installed and the torch reference otherwise; the environment
+variable SHARDLINE_KERNELS=torch|triton|auto overrides "auto" for the whole
+process. `impl="triton"` on CPU tensors runs under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Callable
+
+import torch
+
+IMPLS = ("auto", "torch", "triton")
+
+_torch_impls: dict[str, Callable] = {}
+_triton_impls: dict[str, Callable] = {}
+
+
+def register(name: str, *, torch_impl: Callable, triton_impl: Callable | None = None) -> None:
+    """Register a kernel's implementations under one name."""
+    _torch_impls[name] = torch_impl
+    if triton_impl is not None:
+        _triton_impls[name] = triton_impl
+
+
+def triton_available() -> bool:
+    """Whether the triton package can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve(name: str, impl: str, device: torch.device) -> Callable:
+    """The implementation of kernel `name` to run on `device` for the requested `impl`."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = os.environ.get("SHARDLINE_KERNELS", "auto")
+        if impl not in IMPLS:
+            raise ValueError(f"SHARDLINE_KERNELS must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        use_triton = device.type == "cuda" and name in _triton_impls and triton_available()
+        impl = "triton" if use_triton else "torch"
+    if impl == "triton":
+        if name not in _triton_impls:
+            raise ValueError(f"kernel {name!r} has no Triton implementation")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(f"Triton kernel {name!r} on {device.type} tensors needs TRITON_INTERPRET=1")
+        return _triton_impls[name]
+    return _torch_impls[name]

@@ -1,0 +1,139 @@
+"""Torch reference implementations of every kernel.
+
+These are the numerics the Triton kernels are tested against, and the path
+the engine takes on the CPU. Shapes follow the paged KV layout:
+
+    key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables:           [num_seqs, max_blocks_per_seq] int32
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """Per-sequence contiguous view of a paged cache.
+
+    Returns [num_seqs, max_blocks_per_seq * block_size, num_kv_heads, head_dim];
+    slots past a sequence's length hold whatever the blocks hold and must be masked.
+    """
+    num_seqs, max_blocks = block_tables.shape
+    _, block_size, num_kv_heads, head_dim = cache.shape
+    # gathered: [num_seqs, max_blocks, block_size, kv_heads, head_dim]
+    gathered = cache[block_tables.long()]
+    return gathered.view(num_seqs, max_blocks * block_size, num_kv_heads, head_dim)
+
+
+def paged_attention_decode(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence attending to its whole cached context.
+
+    query: [num_seqs, num_heads, head_dim]; context_lens: [num_seqs] int32,
+    the number of cached tokens (the query's own token included).
+    Returns [num_seqs, num_heads, head_dim].
+    """
+    num_seqs, num_heads, head_dim = query.shape
+    num_kv_heads = key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    # k, v: [num_seqs, kv_heads, ctx, head_dim]
+    k = gather_kv(key_cache, block_tables).transpose(1, 2)
+    v = gather_kv(value_cache, block_tables).transpose(1, 2)
+    ctx = k.shape[2]
+    # q: [num_seqs, kv_heads, group, head_dim]
+    q = query.view(num_seqs, num_kv_heads, group, head_dim)
+    # scores: [num_seqs, kv_heads, group, ctx]
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    positions = torch.arange(ctx, device=query.device)
+    mask = positions[None, :] >= context_lens[:, None].to(positions.dtype)  # [num_seqs, ctx]
+    scores.masked_fill_(mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, v.float())  # [num_seqs, kv_heads, group, head_dim]
+    return out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)
+
+
+def paged_attention_prefill(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention for variable-length query chunks over a cached prefix.
+
+    query: [num_tokens, num_heads, head_dim], sequences packed back to back;
+    query_start_loc: [num_seqs + 1] offsets into query; context_lens: [num_seqs]
+    tokens in the cache for each sequence after this step's writes (prefix plus
+    chunk). A sequence's queries sit at the last positions of its context.
+    Returns [num_tokens, num_heads, head_dim].
+    """
+    num_heads, head_dim = query.shape[1:]
+    out = torch.empty_like(query)
+    starts = query_start_loc.tolist()
+    lens = context_lens.tolist()
+    for i, ctx in enumerate(lens):
+        q_lo, q_hi = starts[i], starts[i + 1]
+        q_len = q_hi - q_lo
+        n_blocks = -(-ctx // key_cache.shape[1])
+        table = block_tables[i, :n_blocks].long()
+        # k, v: [kv_heads, ctx, head_dim]
+        k = key_cache[table].flatten(0, 1)[:ctx].transpose(0, 1)
+        v = value_cache[table].flatten(0, 1)[:ctx].transpose(0, 1)
+        q = query[q_lo:q_hi].transpose(0, 1)  # [heads, q_len, head_dim]
+        out[q_lo:q_hi] = causal_attention(q, k, v, scale, ctx - q_len).transpose(0, 1)
+    return out
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, offset: int) -> torch.Tensor:
+    """q: [heads, q_len, d]; k, v: [kv_heads, ctx, d]; query i sits at position offset + i."""
+    q_len, ctx = q.shape[1], k.shape[1]
+    if offset == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    # allowed[i, j]: key j is at or before query i's position
+    allowed = torch.arange(ctx)[None, :] <= (torch.arange(q_len)[:, None] + offset)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=True)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32, scaled by `weight` in the input dtype (Llama's numerics)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual += x, then RMSNorm of the sum. Returns (normed, new residual)."""
+    residual = x + residual
+    return rms_norm(residual, weight, eps), residual
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_emb(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding in the half-split (GPT-NeoX / Llama HF) layout.
+
+    q: [tokens, heads, head_dim]; k: [tokens, kv_heads, head_dim];
+    cos_sin_cache: [max_positions, head_dim] fp32, cos in the first half of
+    the last dim and sin in the second.
+    """
+    cos, sin = cos_sin_cache[positions].to(q.dtype).chunk(2, dim=-1)
+    # cos, sin: [tokens, 1, head_dim] after repeating each half
+    cos = torch.cat((cos, cos), dim=-1).unsqueeze(1)
+    sin = torch.cat((sin, sin), dim=-1).unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
