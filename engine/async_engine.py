@@ -139,6 +139,7 @@ class AsyncLLMEngine:
             for command in commands:
                 self._apply(command)
             if not self.engine.has_unfinished_requests():
+                self._stats = self.engine.stats()
                 continue
             try:
                 outputs = self.engine.step()

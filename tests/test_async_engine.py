@@ -1,0 +1,80 @@
+"""AsyncLLMEngine: one stepping thread serving many coroutines."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engine import AsyncLLMEngine, EngineConfig, LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def async_engine(model_dir):
+    engine = AsyncLLMEngine.from_config(EngineConfig(model=str(model_dir), num_kv_blocks=128, block_size=4, max_model_len=256))
+    yield engine
+    engine.shutdown()
+
+
+async def collect(engine, rid, prompt, params):
+    outs = [out async for out in engine.generate(rid, prompt, params)]
+    return outs
+
+
+def test_concurrent_streams_match_offline(async_engine, model_dir):
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    prompts = [{"prompt_token_ids": list(range(3 + i, 20 + 2 * i))} for i in range(6)]
+
+    async def main():
+        return await asyncio.gather(*(collect(async_engine, f"r{i}", p, params) for i, p in enumerate(prompts)))
+
+    streams = asyncio.run(main())
+    offline = LLM(str(model_dir), num_kv_blocks=128, block_size=4, max_model_len=256).generate(prompts, params, use_tqdm=False)
+    for stream, ref in zip(streams, offline):
+        assert stream[-1].finished and not any(o.finished for o in stream[:-1])
+        assert stream[-1].outputs[0].token_ids == ref.outputs[0].token_ids
+        # cumulative outputs grow one token per step
+        assert [len(o.outputs[0].token_ids) for o in stream] == list(range(1, 9))
+
+
+def test_streamed_text_never_shrinks_with_stop_strings(async_engine):
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, stop=["zzzz-never"])
+
+    async def main():
+        return await collect(async_engine, "stop-stream", "The quick brown fox", params)
+
+    texts = [o.outputs[0].text for o in asyncio.run(main())]
+    for a, b in zip(texts, texts[1:]):
+        assert b.startswith(a)
+
+
+def test_abort_on_disconnect_frees_blocks(async_engine):
+    params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+
+    async def main():
+        got = 0
+        async for _ in async_engine.generate("leaver", {"prompt_token_ids": list(range(3, 60))}, params):
+            got += 1
+            if got == 3:
+                break  # the client goes away
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if async_engine.stats()["num_running"] == 0 and async_engine.stats()["num_free_blocks"] == 128:
+                return True
+        return False
+
+    assert asyncio.run(main())
+    assert not async_engine.engine.has_unfinished_requests()
+
+
+def test_bad_request_raises_and_others_continue(async_engine):
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+    async def main():
+        good = asyncio.create_task(collect(async_engine, "good", {"prompt_token_ids": [5, 6, 7]}, params))
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            await collect(async_engine, "bad", {"prompt_token_ids": [5, 99999]}, params)
+        return await good
+
+    outs = asyncio.run(main())
+    assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 6
