@@ -2,20 +2,55 @@
 
 The engine calls only the functions below; `kernels.dispatch.resolve` picks
 the implementation (see its docstring for the rules and the override).
+The Triton versions live in kernels/triton_*.py and are imported on their
+first call, so `import kernels` works where triton is not installed.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Callable
+
 import torch
 
-from kernels import reference
+from kernels import quant, reference
 from kernels.dispatch import register, resolve
 
-register("paged_attention_decode", torch_impl=reference.paged_attention_decode)
-register("paged_attention_prefill", torch_impl=reference.paged_attention_prefill)
-register("rms_norm", torch_impl=reference.rms_norm)
-register("fused_add_rms_norm", torch_impl=reference.fused_add_rms_norm)
-register("apply_rotary_emb", torch_impl=reference.apply_rotary_emb)
+
+def _lazy_triton(module: str, name: str) -> Callable:
+    """`kernels.<module>.<name>`, importing the module (and triton) on the first call only."""
+
+    def launch(*args, **kwargs):
+        return getattr(importlib.import_module(f"kernels.{module}"), name)(*args, **kwargs)
+
+    launch.__name__ = launch.__qualname__ = f"{module}.{name}"
+    return launch
+
+
+register(
+    "paged_attention_decode",
+    torch_impl=reference.paged_attention_decode,
+    triton_impl=_lazy_triton("triton_attention", "paged_attention_decode"),
+)
+register(
+    "paged_attention_prefill",
+    torch_impl=reference.paged_attention_prefill,
+    triton_impl=_lazy_triton("triton_attention", "paged_attention_prefill"),
+)
+register("rms_norm", torch_impl=reference.rms_norm, triton_impl=_lazy_triton("triton_norm", "rms_norm"))
+register(
+    "fused_add_rms_norm",
+    torch_impl=reference.fused_add_rms_norm,
+    triton_impl=_lazy_triton("triton_norm", "fused_add_rms_norm"),
+)
+register(
+    "apply_rotary_emb",
+    torch_impl=reference.apply_rotary_emb,
+    triton_impl=_lazy_triton("triton_rotary", "apply_rotary_emb"),
+)
+register(
+    "dequant_matmul", torch_impl=quant.dequant_matmul, triton_impl=_lazy_triton("triton_quant", "dequant_matmul")
+)
 
 
 def paged_attention_decode(
@@ -66,10 +101,18 @@ def apply_rotary_emb(
     return resolve("apply_rotary_emb", impl, q.device)(q, k, positions, cos_sin_cache)
 
 
+def dequant_matmul(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, bits: int, impl: str = "auto"
+) -> torch.Tensor:
+    """x [..., K] @ W.T for a weight quantized by `kernels.quant.quantize` (int8, or int4 packed two per byte)."""
+    return resolve("dequant_matmul", impl, x.device)(x, qweight, scales, group_size, bits)
+
+
 __all__ = [
     "paged_attention_decode",
     "paged_attention_prefill",
     "rms_norm",
     "fused_add_rms_norm",
     "apply_rotary_emb",
+    "dequant_matmul",
 ]
