@@ -1,0 +1,543 @@
+"""Placement: which replica starts a request, given each replica's load and cache.
+
+Plain Python, no clock reads: the caller passes how long the request has
+waited. The scheduler builds one `ReplicaView` per live replica (its load plus
+bindings the replica has not reported yet, its exact cached prefix for this
+request, and whether it can start the request now), and a policy picks one.
+
+Policies, selectable by name (`make_policy`):
+
+- `round_robin`: the next replica in id order that can start the request.
+- `pow2`: power of two choices, Serve's default: two random replicas that can
+  start it, the one with fewer active requests wins.
+- `prefix_approx`: SGLang's cache-aware router. A character radix tree per
+  replica of the prompt texts routed there (one shared tree, nodes tagged with
+  the replicas that hold them, LRU-evicted to `max_tree_chars` per replica).
+  If the cluster is imbalanced (max active - min active > `balance_abs` and
+  max > `balance_rel` * min) the least active replica wins. Otherwise the
+  replica whose tree matches the longest prefix of the text wins if the match
+  covers more than `cache_threshold` of the text, else the replica with the
+  smallest tree (the most room). The text is inserted into the winner's tree.
+- `kv_aware` (the default): exact. The cost of a replica is the time-to-first
+  token in prefill-token units:
+
+      cost = (prompt tokens - cached prefix tokens)      # what it must prefill
+           + backlog_weight * prefill tokens queued there  # before ours
+           + decode_weight * active requests               # decodes sharing each step
+           + eviction_weight * tokens of others' cache it would evict
+
+  and the lowest cost wins (ties: fewer blocks indexed, then id). Guard: a
+  replica whose active count exceeds the least active replica's by more than
+  `balance_abs` and by a factor `balance_rel` is skipped (unless no other
+  replica can start the request), so a hot prefix spreads to the next best
+  replica instead of piling up; that replica then caches it too. Affinity
+  wait: when the best replica overall cannot start the request now but would
+  save at least `affinity_min_saving` tokens of prefill over the best one
+  that can, the request waits in the global queue for up to
+  `affinity_wait_s` rather than recompute its prefix elsewhere.
+
+Feasibility ("can start now") is mechanism, shared by all policies: a free
+batch slot (active < max_num_seqs, at most `max_replica_waiting` requests
+queued there) and free KV blocks for the uncached part of the prompt plus
+one generated token, above a small watermark. Batch work is held to a
+utilisation ceiling (`StartLimits.max_seq_util`, `max_kv_util`).
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import random
+from dataclasses import dataclass, replace
+from typing import ClassVar, Mapping, Sequence
+
+from cluster.kv_index import BlockHash
+
+
+class Priority(str, enum.Enum):
+    """Interactive requests go first; batch requests take only idle capacity."""
+
+    INTERACTIVE = "interactive"
+    BATCH = "batch"
+
+
+@dataclass(slots=True, frozen=True)
+class ReplicaLoad:
+    """A replica's load as it reports it (see `from_engine_stats`)."""
+
+    # Requests in the running batch.
+    num_running: int
+    # Requests queued inside the replica (it could not start them yet).
+    num_waiting: int
+    # KV blocks that can be handed out now (cached free blocks included).
+    num_free_blocks: int
+    # KV blocks in the pool.
+    num_blocks: int
+    # Prompt tokens admitted but not computed yet (the prefill backlog).
+    num_tokens_in_flight: int = 0
+    # Batch slots.
+    max_num_seqs: int = 128
+
+    @property
+    def active(self) -> int:
+        """Requests the replica holds, running or queued."""
+        return self.num_running + self.num_waiting
+
+    def with_pending(self, num_requests: int, num_blocks: int, num_tokens: int) -> "ReplicaLoad":
+        """This load plus bindings the replica has not reported yet."""
+        if not num_requests:
+            return self
+        return replace(
+            self,
+            num_running=self.num_running + num_requests,
+            num_free_blocks=self.num_free_blocks - num_blocks,
+            num_tokens_in_flight=self.num_tokens_in_flight + num_tokens,
+        )
+
+    @classmethod
+    def from_engine_stats(
+        cls, stats: Mapping[str, float], max_num_seqs: int, num_tokens_in_flight: int = 0
+    ) -> "ReplicaLoad":
+        """From `LLMEngine.stats()` (the wire edge: a dict, validated here)."""
+        try:
+            return cls(
+                num_running=int(stats["num_running"]),
+                num_waiting=int(stats["num_waiting"]),
+                num_free_blocks=int(stats["num_free_blocks"]),
+                num_blocks=int(stats["num_blocks"]),
+                num_tokens_in_flight=int(stats.get("num_tokens_in_flight", num_tokens_in_flight)),
+                max_num_seqs=max_num_seqs,
+            )
+        except KeyError as e:
+            raise ValueError(f"engine stats lack {e.args[0]!r}; got keys {sorted(stats)}") from None
+
+
+@dataclass(slots=True, frozen=True)
+class RouteRequest:
+    """What the scheduler needs to know about a request; the ingress builds it.
+
+    NOTE: `block_hashes` come from the engine's `hash_prompt_blocks(token_ids,
+    block_size, extra_keys)` with the tenant's salt from the server's tenant
+    record in `extra_keys`, so they equal the replica's hashes bit for bit.
+    """
+
+    request_id: str
+    tenant_id: str
+    # Hashes of the prompt's full blocks, chained from the root.
+    block_hashes: tuple[BlockHash, ...]
+    block_size: int
+    num_prompt_tokens: int
+    # Generation budget (fair-share cost; 0 when unknown).
+    max_tokens: int = 0
+    priority: Priority = Priority.INTERACTIVE
+    # The rendered prompt text, for `prefix_approx` only.
+    prompt_text: str = ""
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.num_prompt_tokens < 0 or self.max_tokens < 0:
+            raise ValueError(
+                f"request {self.request_id!r}: block_size must be positive and token counts non-negative, "
+                f"got block_size={self.block_size}, num_prompt_tokens={self.num_prompt_tokens}, "
+                f"max_tokens={self.max_tokens}"
+            )
+        if len(self.block_hashes) > self.num_prompt_tokens // self.block_size:
+            raise ValueError(
+                f"request {self.request_id!r}: {len(self.block_hashes)} block hashes for a prompt of "
+                f"{self.num_prompt_tokens} tokens in blocks of {self.block_size}"
+            )
+
+
+@dataclass(slots=True, frozen=True)
+class StartLimits:
+    """When a replica counts as able to start a request now."""
+
+    # Requests a replica may hold in its own queue (0: bind only to a free slot).
+    max_replica_waiting: int = 0
+    # Fraction of the pool kept free after the prompt's blocks are taken.
+    kv_watermark: float = 0.01
+    # Ceilings for this class of work (batch work: below 1).
+    max_seq_util: float = 1.0
+    max_kv_util: float = 1.0
+
+
+@dataclass(slots=True, frozen=True)
+class ReplicaView:
+    """One replica as a policy sees it for one request."""
+
+    replica_id: str
+    # Reported load plus bindings not yet reported.
+    load: ReplicaLoad
+    # Leading prompt blocks cached there (exact index, capped as the engine caps hits).
+    cached_blocks: int
+    # Whether it can start the request now (see `can_start`).
+    can_start: bool
+    # Blocks the index holds for this replica (its cache's occupancy).
+    indexed_blocks: int = 0
+
+
+def usable_cached_blocks(num_prompt_tokens: int, block_size: int, matched_blocks: int) -> int:
+    """Cached blocks the engine would reuse: at least one prompt token is always computed."""
+    return max(0, min(matched_blocks, (num_prompt_tokens - 1) // block_size))
+
+
+def blocks_needed(num_prompt_tokens: int, block_size: int, cached_blocks: int) -> int:
+    """New blocks to start a request: its prompt plus one generated token, minus hits.
+
+    NOTE: an estimate. A hit on a cached block that is free in the replica
+    also leaves the free queue; the index does not know which hits are free.
+    """
+    return -(-(num_prompt_tokens + 1) // block_size) - cached_blocks
+
+
+def can_start(load: ReplicaLoad, need_blocks: int, limits: StartLimits) -> bool:
+    """A free batch slot and enough free KV blocks, within the class's ceilings."""
+    if load.num_waiting > limits.max_replica_waiting:
+        return False
+    if load.active >= load.max_num_seqs * limits.max_seq_util:
+        return False
+    watermark = int(limits.kv_watermark * load.num_blocks)
+    if load.num_free_blocks - need_blocks < watermark:
+        return False
+    if limits.max_kv_util < 1.0:
+        used_after = load.num_blocks - load.num_free_blocks + need_blocks
+        if used_after > limits.max_kv_util * load.num_blocks:
+            return False
+    return True
+
+
+def build_views(
+    request: RouteRequest,
+    loads: Mapping[str, ReplicaLoad],
+    matches: Mapping[str, int],
+    limits: StartLimits,
+    indexed_blocks: Mapping[str, int] | None = None,
+) -> list[ReplicaView]:
+    """One view per replica in `loads` (effective loads), in the mapping's order."""
+    views = []
+    for rid, load in loads.items():
+        cached = usable_cached_blocks(request.num_prompt_tokens, request.block_size, matches.get(rid, 0))
+        need = blocks_needed(request.num_prompt_tokens, request.block_size, cached)
+        views.append(
+            ReplicaView(
+                replica_id=rid,
+                load=load,
+                cached_blocks=cached,
+                can_start=can_start(load, need, limits),
+                indexed_blocks=indexed_blocks.get(rid, 0) if indexed_blocks else 0,
+            )
+        )
+    return views
+
+
+def is_overloaded(active: int, min_active: int, balance_abs: float, balance_rel: float) -> bool:
+    """SGLang's imbalance test: ahead of the least loaded by an absolute and a relative margin."""
+    return active - min_active > balance_abs and active > balance_rel * min_active
+
+
+class PlacementPolicy:
+    """Picks a replica for a request among views; stateful policies learn from `on_placed`."""
+
+    name: ClassVar[str] = ""
+
+    def choose(self, request: RouteRequest, views: Sequence[ReplicaView], waited_s: float = 0.0) -> str | None:
+        """A replica that can start `request` now, or None to keep it queued."""
+        raise NotImplementedError
+
+    def on_placed(self, request: RouteRequest, replica_id: str) -> None:
+        """The scheduler bound `request` to `replica_id`."""
+
+    def remove_replica(self, replica_id: str) -> None:
+        """A replica left the cluster."""
+
+
+class RoundRobinPolicy(PlacementPolicy):
+    """The next replica, in id order after the last one chosen, that can start it."""
+
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._last: str | None = None
+
+    def choose(self, request, views, waited_s=0.0):
+        ids = sorted(v.replica_id for v in views if v.can_start)
+        if not ids:
+            return None
+        after = [rid for rid in ids if self._last is None or rid > self._last]
+        return (after or ids)[0]
+
+    def on_placed(self, request, replica_id):
+        self._last = replica_id
+
+
+class Pow2Policy(PlacementPolicy):
+    """Power of two choices on active requests (Serve's default router).
+
+    Args:
+        seed: seeds the policy's own random generator, for reproducible runs.
+    """
+
+    name = "pow2"
+
+    def __init__(self, seed: int = 0) -> None:
+        self._rng = random.Random(seed)
+
+    def choose(self, request, views, waited_s=0.0):
+        startable = [v for v in views if v.can_start]
+        if len(startable) <= 1:
+            return startable[0].replica_id if startable else None
+        a, b = self._rng.sample(startable, 2)
+        key = lambda v: (v.load.active, v.load.num_tokens_in_flight)  # noqa: E731
+        return (b if key(b) < key(a) else a).replica_id
+
+
+class KVAwarePolicy(PlacementPolicy):
+    """Exact prefix-cache-aware placement (see the module docstring for the cost).
+
+    Args:
+        decode_weight: prefill tokens one active request on a replica is worth.
+        backlog_weight: weight of the replica's queued prefill tokens.
+        eviction_weight: weight of the cached tokens the prompt would evict there.
+        balance_abs, balance_rel: the guard's margins over the least active replica.
+        affinity_wait_s: how long a request may wait for its cached replica.
+        affinity_min_saving: prefill tokens the wait must save to be worth it.
+    """
+
+    name = "kv_aware"
+
+    def __init__(
+        self,
+        decode_weight: float = 8.0,
+        backlog_weight: float = 1.0,
+        eviction_weight: float = 0.5,
+        balance_abs: float = 8,
+        balance_rel: float = 1.5,
+        affinity_wait_s: float = 0.25,
+        affinity_min_saving: int = 256,
+    ) -> None:
+        self.decode_weight = decode_weight
+        self.backlog_weight = backlog_weight
+        self.eviction_weight = eviction_weight
+        self.balance_abs = balance_abs
+        self.balance_rel = balance_rel
+        self.affinity_wait_s = affinity_wait_s
+        self.affinity_min_saving = affinity_min_saving
+
+    def cost(self, request: RouteRequest, view: ReplicaView) -> float:
+        """Estimated prefill-token-equivalents before this request's first token there."""
+        load = view.load
+        bs = request.block_size
+        uncached = request.num_prompt_tokens - view.cached_blocks * bs
+        need = blocks_needed(request.num_prompt_tokens, bs, view.cached_blocks)
+        empty = load.num_blocks - view.indexed_blocks
+        evicted_tokens = max(0, need - empty) * bs
+        return (
+            uncached
+            + self.backlog_weight * load.num_tokens_in_flight
+            + self.decode_weight * load.active
+            + self.eviction_weight * evicted_tokens
+        )
+
+    def choose(self, request, views, waited_s=0.0):
+        if not views:
+            return None
+        min_active = min(v.load.active for v in views)
+        allowed = [
+            v for v in views if not is_overloaded(v.load.active, min_active, self.balance_abs, self.balance_rel)
+        ]
+        startable = [v for v in allowed if v.can_start] or [v for v in views if v.can_start]
+        if not startable:
+            return None
+        key = lambda v: (self.cost(request, v), v.indexed_blocks, v.replica_id)  # noqa: E731
+        best = min(startable, key=key)
+        if waited_s < self.affinity_wait_s:
+            best_any = min(allowed, key=key)
+            if not best_any.can_start and key(best)[0] - key(best_any)[0] >= self.affinity_min_saving:
+                return None
+        return best.replica_id
+
+
+class _Node:
+    """An edge of the radix tree: `text` leads here from `parent`."""
+
+    __slots__ = ("text", "parent", "children", "replicas")
+
+    def __init__(self, text: str, parent: "_Node | None") -> None:
+        self.text = text
+        self.parent = parent
+        # Children by the first character of their edge.
+        self.children: dict[str, _Node] = {}
+        # Replica -> tick of its last insert through this node.
+        self.replicas: dict[str, int] = {}
+
+
+class TextPrefixTree:
+    """Approximate per-replica cache of prompt texts: one radix tree, nodes tagged by replica.
+
+    NOTE: a replica tagged on a node is tagged on all its ancestors (insert tags
+    the whole path; eviction removes a replica from its leaves first).
+    """
+
+    def __init__(self) -> None:
+        self.root = _Node("", None)
+        # Characters held per replica.
+        self.sizes: dict[str, int] = {}
+        self._tick = 0
+
+    def match(self, text: str) -> dict[str, int]:
+        """Characters of `text` matched, per replica with a match."""
+        result: dict[str, int] = {}
+        node, pos = self.root, 0
+        while pos < len(text):
+            child = node.children.get(text[pos])
+            if child is None:
+                break
+            common = _common_prefix(child.text, text, pos)
+            for rid in child.replicas:
+                result[rid] = pos + common
+            if common < len(child.text):
+                break
+            pos += common
+            node = child
+        return result
+
+    def insert(self, text: str, replica_id: str) -> None:
+        """Tag the path of `text` with `replica_id`, splitting edges as needed."""
+        self._tick += 1
+        tick = self._tick
+        node, pos = self.root, 0
+        while pos < len(text):
+            child = node.children.get(text[pos])
+            if child is None:
+                child = _Node(text[pos:], node)
+                node.children[text[pos]] = child
+            else:
+                common = _common_prefix(child.text, text, pos)
+                if common < len(child.text):
+                    child = self._split(child, common)
+            if replica_id not in child.replicas:
+                self.sizes[replica_id] = self.sizes.get(replica_id, 0) + len(child.text)
+            child.replicas[replica_id] = tick
+            pos += len(child.text)
+            node = child
+
+    def _split(self, node: _Node, at: int) -> _Node:
+        """Cut `node`'s edge after `at` characters; return the new upper half."""
+        parent = node.parent
+        assert parent is not None and 0 < at < len(node.text)
+        upper = _Node(node.text[:at], parent)
+        upper.replicas = dict(node.replicas)
+        parent.children[upper.text[0]] = upper
+        node.text = node.text[at:]
+        node.parent = upper
+        upper.children[node.text[0]] = node
+        return upper
+
+    def evict(self, replica_id: str, max_chars: int) -> None:
+        """Drop the replica's least recently used leaves until it holds at most `max_chars`."""
+        if self.sizes.get(replica_id, 0) <= max_chars:
+            return
+        heap = [(n.replicas[replica_id], id(n), n) for n in self._nodes_of(replica_id) if self._is_leaf_of(n, replica_id)]
+        heapq.heapify(heap)
+        while heap and self.sizes[replica_id] > max_chars:
+            _, _, node = heapq.heappop(heap)
+            del node.replicas[replica_id]
+            self.sizes[replica_id] -= len(node.text)
+            parent = node.parent
+            if not node.replicas and not node.children:
+                assert parent is not None
+                del parent.children[node.text[0]]
+            if parent is not None and parent is not self.root and self._is_leaf_of(parent, replica_id):
+                heapq.heappush(heap, (parent.replicas[replica_id], id(parent), parent))
+
+    def remove_replica(self, replica_id: str) -> None:
+        self.evict(replica_id, 0)
+        self.sizes.pop(replica_id, None)
+
+    def _nodes_of(self, replica_id: str) -> list[_Node]:
+        out, stack = [], list(self.root.children.values())
+        while stack:
+            node = stack.pop()
+            if replica_id in node.replicas:
+                out.append(node)
+                stack.extend(node.children.values())
+        return out
+
+    @staticmethod
+    def _is_leaf_of(node: _Node, replica_id: str) -> bool:
+        return replica_id in node.replicas and not any(replica_id in c.replicas for c in node.children.values())
+
+
+def _common_prefix(edge: str, text: str, pos: int) -> int:
+    n = min(len(edge), len(text) - pos)
+    i = 0
+    while i < n and edge[i] == text[pos + i]:
+        i += 1
+    return i
+
+
+class PrefixApproxPolicy(PlacementPolicy):
+    """SGLang's cache-aware router on prompt text (see the module docstring).
+
+    Args:
+        cache_threshold: fraction of the text a match must cover to follow it.
+        balance_abs, balance_rel: imbalance margins that switch to least active.
+        max_tree_chars: characters kept per replica; evicted LRU down to
+            `evict_to` of it once exceeded.
+    """
+
+    name = "prefix_approx"
+
+    def __init__(
+        self,
+        cache_threshold: float = 0.5,
+        balance_abs: float = 32,
+        balance_rel: float = 1.0001,
+        max_tree_chars: int = 1 << 22,
+        evict_to: float = 0.9,
+    ) -> None:
+        self.cache_threshold = cache_threshold
+        self.balance_abs = balance_abs
+        self.balance_rel = balance_rel
+        self.max_tree_chars = max_tree_chars
+        self.evict_to = evict_to
+        self.tree = TextPrefixTree()
+
+    def choose(self, request, views, waited_s=0.0):
+        startable = [v for v in views if v.can_start]
+        if not startable:
+            return None
+        actives = [v.load.active for v in views]
+        least = min(startable, key=lambda v: (v.load.active, v.replica_id))
+        if is_overloaded(max(actives), min(actives), self.balance_abs, self.balance_rel):
+            return least.replica_id
+        text = request.prompt_text
+        matched = self.tree.match(text) if text else {}
+        best = min(startable, key=lambda v: (-matched.get(v.replica_id, 0), v.load.active, v.replica_id))
+        if text and matched.get(best.replica_id, 0) / len(text) > self.cache_threshold:
+            return best.replica_id
+        sizes = self.tree.sizes
+        return min(startable, key=lambda v: (sizes.get(v.replica_id, 0), v.load.active, v.replica_id)).replica_id
+
+    def on_placed(self, request, replica_id):
+        if not request.prompt_text:
+            return
+        self.tree.insert(request.prompt_text, replica_id)
+        if self.tree.sizes[replica_id] > self.max_tree_chars:
+            self.tree.evict(replica_id, int(self.max_tree_chars * self.evict_to))
+
+    def remove_replica(self, replica_id):
+        self.tree.remove_replica(replica_id)
+
+
+POLICIES: dict[str, type[PlacementPolicy]] = {
+    p.name: p for p in (RoundRobinPolicy, Pow2Policy, PrefixApproxPolicy, KVAwarePolicy)
+}
+DEFAULT_POLICY = KVAwarePolicy.name
+
+
+def make_policy(name: str, **knobs) -> PlacementPolicy:
+    """A policy by name, with its knobs (see each class's Args)."""
+    cls = POLICIES.get(name)
+    if cls is None:
+        raise ValueError(f"unknown routing policy {name!r}; expected one of {', '.join(POLICIES)}")
+    return cls(**knobs)
