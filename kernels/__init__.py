@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from kernels import quant, reference
+from kernels import cpu_native, quant, reference
 from kernels.dispatch import register, resolve
 
 
@@ -31,22 +31,30 @@ register(
     "paged_attention_decode",
     torch_impl=reference.paged_attention_decode,
     triton_impl=_lazy_triton("triton_attention", "paged_attention_decode"),
+    native_impl=cpu_native.paged_attention_decode,
 )
 register(
     "paged_attention_prefill",
     torch_impl=reference.paged_attention_prefill,
     triton_impl=_lazy_triton("triton_attention", "paged_attention_prefill"),
 )
-register("rms_norm", torch_impl=reference.rms_norm, triton_impl=_lazy_triton("triton_norm", "rms_norm"))
+register(
+    "rms_norm",
+    torch_impl=reference.rms_norm,
+    triton_impl=_lazy_triton("triton_norm", "rms_norm"),
+    native_impl=cpu_native.rms_norm,
+)
 register(
     "fused_add_rms_norm",
     torch_impl=reference.fused_add_rms_norm,
     triton_impl=_lazy_triton("triton_norm", "fused_add_rms_norm"),
+    native_impl=cpu_native.fused_add_rms_norm,
 )
 register(
     "apply_rotary_emb",
     torch_impl=reference.apply_rotary_emb,
     triton_impl=_lazy_triton("triton_rotary", "apply_rotary_emb"),
+    native_impl=cpu_native.apply_rotary_emb,
 )
 register(
     "dequant_matmul", torch_impl=quant.dequant_matmul, triton_impl=_lazy_triton("triton_quant", "dequant_matmul")

@@ -1,0 +1,95 @@
+"""Native CPU kernels (kernels/csrc) against their torch references, on odd shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import cpu_native, reference
+from kernels.dispatch import resolve
+
+pytestmark = pytest.mark.skipif(not cpu_native.available(), reason=f"no C compiler: {cpu_native.build_error()}")
+
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def paged_case(num_seqs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = 80
+    k = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    v = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    q = torch.randn(num_seqs, num_heads, head_dim, generator=g).to(dtype)
+    lens = torch.randint(1, 9 * block_size, (num_seqs,), generator=g, dtype=torch.int32)
+    width = int((lens.max() + block_size - 1) // block_size) + 2  # padded table, junk past the end
+    tables = torch.stack([torch.randperm(num_blocks, generator=g)[:width] for _ in range(num_seqs)]).to(torch.int32)
+    return q, k, v, tables, lens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "num_seqs, num_heads, num_kv_heads, head_dim, block_size",
+    [(1, 4, 4, 64, 16), (5, 6, 2, 24, 4), (3, 9, 3, 64, 16), (7, 4, 1, 32, 8), (2, 12, 4, 128, 16)],
+)
+def test_paged_decode_matches_reference(dtype, num_seqs, num_heads, num_kv_heads, head_dim, block_size):
+    q, k, v, tables, lens = paged_case(num_seqs, num_heads, num_kv_heads, head_dim, block_size, dtype)
+    scale = head_dim**-0.5
+    expected = reference.paged_attention_decode(q, k, v, tables, lens, scale)
+    got = cpu_native.paged_attention_decode(q, k, v, tables, lens, scale)
+    assert got.dtype == dtype and got.shape == q.shape
+    torch.testing.assert_close(got.float(), expected.float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 64), (5, 123), (37, 576), (3, 2, 48)])
+def test_rms_norm_and_fused_add(dtype, shape):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, generator=g).to(dtype)
+    res = torch.randn(*shape, generator=g).to(dtype)
+    w = (torch.rand(shape[-1], generator=g) + 0.5).to(dtype)
+    torch.testing.assert_close(cpu_native.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6), **TOL[dtype])
+    got_out, got_res = cpu_native.fused_add_rms_norm(x, res, w, 1e-5)
+    exp_out, exp_res = reference.fused_add_rms_norm(x, res, w, 1e-5)
+    torch.testing.assert_close(got_res, exp_res, atol=0, rtol=0)  # one rounding, same as torch
+    torch.testing.assert_close(got_out, exp_out, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_tokens, num_heads, num_kv_heads, head_dim", [(1, 4, 2, 64), (19, 6, 1, 24), (40, 9, 3, 64)])
+def test_rotary_matches_reference_on_strided_views(dtype, num_tokens, num_heads, num_kv_heads, head_dim):
+    g = torch.Generator().manual_seed(2)
+    # q and k as views into a fused qkv row, as the model produces them
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, generator=g).to(dtype)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    q = qkv[:, :q_size].view(num_tokens, num_heads, head_dim)
+    k = qkv[:, q_size : q_size + kv_size].view(num_tokens, num_kv_heads, head_dim)
+    from engine.model import build_rope_cache
+
+    cache = build_rope_cache(head_dim, 512, 10000.0, None)
+    positions = torch.randint(0, 512, (num_tokens,), generator=g)
+    got_q, got_k = cpu_native.apply_rotary_emb(q, k, positions, cache)
+    exp_q, exp_k = reference.apply_rotary_emb(q, k, positions, cache)
+    torch.testing.assert_close(got_q, exp_q, **TOL[dtype])
+    torch.testing.assert_close(got_k, exp_k, **TOL[dtype])
+
+
+def test_dispatch_picks_native_on_cpu_and_honours_the_override(monkeypatch):
+    assert resolve("paged_attention_decode", "auto", torch.device("cpu")) is cpu_native.paged_attention_decode
+    monkeypatch.setenv("SHARDLINE_KERNELS", "torch")
+    assert resolve("paged_attention_decode", "auto", torch.device("cpu")) is reference.paged_attention_decode
+    # a kernel without a native version falls back to its reference
+    assert resolve("paged_attention_prefill", "native", torch.device("cpu")) is reference.paged_attention_prefill
+    q, k, v, tables, lens = paged_case(2, 4, 2, 16, 4, torch.float32)
+    torch.testing.assert_close(
+        kernels.paged_attention_decode(q, k, v, tables, lens, 0.25, impl="native"),
+        kernels.paged_attention_decode(q, k, v, tables, lens, 0.25, impl="torch"),
+        **TOL[torch.float32],
+    )
+
+
+def test_bad_inputs_are_refused():
+    q, k, v, tables, lens = paged_case(2, 4, 2, 16, 4, torch.float32)
+    with pytest.raises(ValueError):
+        cpu_native.paged_attention_decode(q.half(), k.half(), v.half(), tables, lens, 0.25)
+    with pytest.raises(ValueError):
+        cpu_native.paged_attention_decode(q, k.bfloat16(), v, tables, lens, 0.25)
