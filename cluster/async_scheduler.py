@@ -1,0 +1,160 @@
+"""Asyncio front of the scheduler: `await place(request)` waits in the global queue.
+
+No Ray here: `cluster.scheduler_actor` makes this class a Ray actor as is, and
+tests drive it with plain asyncio. Every call that can free capacity or add
+work (a placement, a replica report, a finish) runs the core's
+`poll_assignments` and resolves the futures of the requests it bound; while
+requests wait, a ticker polls every `tick_s` too, because a request waiting
+for its cached replica binds elsewhere once its wait runs out, with no event
+to announce it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+from cluster.global_queue import Rejection
+from cluster.placement import RouteRequest
+from cluster.scheduler import (
+    Assignment,
+    ReplicaReport,
+    ReportReply,
+    RequestUsage,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerStats,
+)
+from cluster.tenants import TenantRegistry, Usage, UsageKey
+
+
+class AsyncScheduler:
+    """`Scheduler` behind asyncio futures.
+
+    Args:
+        config: the core's knobs.
+        tenants: tenant records, or the path of a tenants file (loaded here,
+            on the scheduler's node).
+        clock: seconds, monotonic (injected by tests).
+        tick_s: poll period while requests wait.
+    """
+
+    def __init__(
+        self,
+        config: SchedulerConfig = SchedulerConfig(),
+        tenants: TenantRegistry | str | Path | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        tick_s: float = 0.02,
+    ):
+        if isinstance(tenants, (str, Path)):
+            tenants = TenantRegistry.from_file(tenants)
+        self.core = Scheduler(config, tenants)
+        self._clock = clock
+        self.tick_s = tick_s
+        self._waiters: dict[str, asyncio.Future[Assignment | Rejection]] = {}
+        self._ticker: asyncio.Task | None = None
+
+    # ---- the ingress side ----------------------------------------------------
+
+    async def place(self, request: RouteRequest, timeout_s: float | None = None) -> Assignment | Rejection:
+        """Queue `request` and return once it is bound to a replica (or rejected).
+
+        On timeout the request leaves the queue and a 503 `Rejection` comes
+        back; if the caller is cancelled, the request leaves the queue too.
+        """
+        now = self._clock()
+        result = self.core.submit(request, now)
+        if isinstance(result, Rejection):
+            return result
+        future: asyncio.Future[Assignment | Rejection] = asyncio.get_running_loop().create_future()
+        self._waiters[request.request_id] = future
+        self._pump(now)
+        if not future.done():
+            self._ensure_ticker()
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except asyncio.TimeoutError:
+            self._abandon(request.request_id, future)
+            return Rejection(
+                request.request_id, request.tenant_id, 503, "timeout",
+                f"no replica could start the request within {timeout_s} s", 1,
+            )
+        except asyncio.CancelledError:
+            self._abandon(request.request_id, future)
+            raise
+
+    def finished(self, request_id: str, usage: RequestUsage | None = None) -> bool:
+        """The request's stream ended; charge its usage (None when it failed early)."""
+        now = self._clock()
+        known = self.core.on_request_finished(request_id, usage, now)
+        self._pump(now)
+        return known
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a queued request (its client went away); its `place` returns a 499 rejection."""
+        future = self._waiters.pop(request_id, None)
+        removed = self.core.cancel(request_id)
+        if removed and future is not None and not future.done():
+            future.set_result(Rejection(request_id, "", 499, "cancelled", "the request was cancelled"))
+        return removed
+
+    # ---- the replica side ----------------------------------------------------
+
+    def report(self, report: ReplicaReport) -> ReportReply:
+        """A replica's periodic report; the reply may ask for an index snapshot."""
+        now = self._clock()
+        reply = self.core.on_replica_report(report, now)
+        self._pump(now)
+        return reply
+
+    def replace_replica_index(self, replica_id: str, all_hashes: Iterable[bytes], seq: int) -> ReportReply:
+        reply = self.core.replace_replica_index(replica_id, all_hashes, seq)
+        self._pump(self._clock())
+        return reply
+
+    def set_draining(self, replica_id: str, draining: bool = True) -> None:
+        self.core.set_draining(replica_id, draining)
+
+    def remove_replica(self, replica_id: str) -> list[str]:
+        lost = self.core.remove_replica(replica_id)
+        self._pump(self._clock())
+        return lost
+
+    # ---- observability -------------------------------------------------------
+
+    def stats(self) -> SchedulerStats:
+        return self.core.stats(self._clock())
+
+    def queue_depth(self) -> int:
+        return self.core.queue_depth()
+
+    def take_usage(self) -> dict[UsageKey, Usage]:
+        return self.core.take_usage()
+
+    # ---- internals -----------------------------------------------------------
+
+    def _pump(self, now: float) -> None:
+        for a in self.core.poll_assignments(now):
+            future = self._waiters.pop(a.request_id, None)
+            if future is None or future.done():
+                # Nobody waits for it any more: give the slot back.
+                self.core.on_request_finished(a.request_id, None, now)
+            else:
+                future.set_result(a)
+
+    def _abandon(self, request_id: str, future: asyncio.Future) -> None:
+        self._waiters.pop(request_id, None)
+        if not self.core.cancel(request_id) and future.done() and not future.cancelled():
+            # Bound just as the caller gave up: release the binding.
+            self.core.on_request_finished(request_id, None, self._clock())
+
+    def _ensure_ticker(self) -> None:
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        while self._waiters:
+            await asyncio.sleep(self.tick_s)
+            self._pump(self._clock())
