@@ -30,13 +30,14 @@ def check_launchable(kernel, *tensors: torch.Tensor) -> None:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
     device = devices.pop()
     is_interpreted = type(kernel).__name__ == "InterpretedFunction"
+    name = getattr(kernel, "__name__", repr(kernel))
     if device.type == "cpu" and not is_interpreted:
         raise RuntimeError(
-            f"{kernel.__name__} was decorated without TRITON_INTERPRET=1, so it cannot take CPU tensors; "
+            f"{name} was decorated without TRITON_INTERPRET=1, so it cannot take CPU tensors; "
             "set TRITON_INTERPRET=1 before the first Triton kernel of kernels/ is used"
         )
     if device.type == "cuda" and is_interpreted:
-        raise RuntimeError(f"{kernel.__name__} was decorated with TRITON_INTERPRET=1; unset it to run on CUDA")
+        raise RuntimeError(f"{name} was decorated with TRITON_INTERPRET=1; unset it to run on CUDA")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"Triton kernels run on cuda (or cpu under TRITON_INTERPRET=1), not {device.type}")
 

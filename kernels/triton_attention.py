@@ -23,6 +23,8 @@ The torch references are `kernels.reference.paged_attention_decode` and
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -191,11 +193,16 @@ def _check_cache(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
         raise ValueError("the head_dim of query and caches must be contiguous")
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _decode_partition_size(num_programs: int, max_context: int, device: torch.device, tile: int) -> int:
     """Tokens per decode partition: the whole context unless the GPU would be short of programs."""
     if device.type != "cuda":
         return max_context
-    target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    target = PROGRAMS_PER_SM * _sm_count(device)
     if num_programs >= target or max_context <= MIN_PARTITION:
         return max_context
     size = max(MIN_PARTITION, triton.cdiv(max_context, triton.cdiv(target, num_programs)))
@@ -319,7 +326,7 @@ def _paged_prefill_kernel(
 
     # Keys up to the last query of this block; none when the block is past the chunk.
     last_row = tl.minimum(q_len, (m_block + 1) * BLOCK_M)
-    key_end = tl.where(m_block * BLOCK_M < q_len, prefix_len + last_row, 0)
+    key_end = (prefix_len + last_row) * (m_block * BLOCK_M < q_len).to(tl.int32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
