@@ -62,6 +62,11 @@ class AsyncLLMEngine:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    @property
+    def is_running(self) -> bool:
+        """Whether the stepping thread is alive and accepting requests (a health check)."""
+        return self._error is None and not self._stopped and self._thread.is_alive()
+
     async def generate(
         self,
         request_id: str,
@@ -124,6 +129,7 @@ class AsyncLLMEngine:
             self._stopped = True
             self._wake.notify()
         self._thread.join(timeout=30)
+        self.engine.shutdown()
 
     # ---- the engine thread -------------------------------------------------
 

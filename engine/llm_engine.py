@@ -16,6 +16,8 @@ from typing import Any, Sequence
 import torch
 
 from engine.config import ModelConfig
+from engine.distributed import LocalProcessLauncher, TensorParallelGroup, WorkerLauncher, WorkerSpec, make_init_method
+from engine.tensor_parallel import shard_heads
 from engine.kv_cache import KVCacheManager, KVEvent
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
@@ -57,10 +59,14 @@ class EngineConfig:
     seed: int | None = 0
     max_n: int = 16
     skip_tokenizer_init: bool = False
+    # Ranks the model is split over (rank 0 in this process, the others started by a launcher).
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, num_kv_heads: int | None = None) -> int:
@@ -102,9 +108,15 @@ class _RequestState:
 
 
 class LLMEngine:
-    """A single-replica engine: paged KV cache, continuous batching, prefix caching."""
+    """A single-replica engine: paged KV cache, continuous batching, prefix caching.
 
-    def __init__(self, config: EngineConfig):
+    Args:
+        config: the engine's shape and budgets.
+        launcher: starts the worker ranks when config.tensor_parallel_size > 1
+            (default: local processes; the cluster passes one that uses Ray actors).
+    """
+
+    def __init__(self, config: EngineConfig, launcher: WorkerLauncher | None = None):
         self.config = config
         folder = Path(config.model)
         self.model_config = ModelConfig.from_folder(folder)
@@ -116,13 +128,32 @@ class LLMEngine:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context of {limit} tokens")
         self.max_model_len = config.max_model_len or limit
         dtype = DTYPES[config.dtype]
-        model = build_model(folder, dtype, max_positions=self.max_model_len)
+        tp = config.tensor_parallel_size
+        self.tp_group: TensorParallelGroup | None = None
+        if tp > 1:
+            # Every rank gets the same number of blocks, sized for the rank with the most KV heads.
+            kv_heads = max(len(shard_heads(mc.num_heads, mc.num_kv_heads, r, tp).kv_heads) for r in range(tp))
+            num_blocks = self._num_kv_blocks(dtype, kv_heads)
+            launcher = launcher or LocalProcessLauncher()
+            spec = WorkerSpec(
+                folder=str(folder),
+                dtype=config.dtype,
+                max_positions=self.max_model_len,
+                num_blocks=num_blocks,
+                block_size=config.block_size,
+                world_size=tp,
+                init_method=make_init_method(launcher.rendezvous_host()),
+            )
+            self.tp_group = TensorParallelGroup(spec, launcher)
+            model = self.tp_group.build_model()
+        else:
+            model = build_model(folder, dtype, max_positions=self.max_model_len)
+            num_blocks = self._num_kv_blocks(dtype, mc.num_kv_heads)
         self.tokenizer = None
         if not config.skip_tokenizer_init and (folder / "tokenizer.json").is_file():
             self.tokenizer = Tokenizer(folder)
         self.eos_token_ids = frozenset(mc.eos_token_ids or ([self.tokenizer.eos_token_id] if self.tokenizer and self.tokenizer.eos_token_id is not None else []))
 
-        num_blocks = self._num_kv_blocks(dtype, model.layers[0].attention.n_kv_heads)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_batched_tokens=config.max_num_batched_tokens or max(2048, config.max_num_seqs),
@@ -132,7 +163,7 @@ class LLMEngine:
             ),
             KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching),
         )
-        self.runner = ModelRunner(model, num_blocks, config.block_size, dtype, config.seed)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, dtype, config.seed, self.tp_group)
         self._states: dict[str, _RequestState] = {}
         self._seq_of: dict[str, tuple[_RequestState, _Sequence]] = {}
 
@@ -145,6 +176,11 @@ class LLMEngine:
         # Never more than every sequence at full length could use.
         ceiling = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size)
         return max(1, min(budget, ceiling))
+
+    def shutdown(self) -> None:
+        """Stop the worker ranks, if any (the engine is unusable afterwards)."""
+        if self.tp_group is not None:
+            self.tp_group.close()
 
     @property
     def vocab_size(self) -> int:
@@ -261,11 +297,16 @@ class LLMEngine:
 
     # ---- the step ----------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """Run one iteration; return the outputs of every request that progressed."""
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """Run one iteration; return the outputs of every request that progressed.
+
+        With `final_only`, only finished requests get an output (the offline
+        API needs nothing else, and building cumulative outputs costs O(tokens)).
+        """
         sched = self.scheduler.schedule()
         touched: dict[str, _RequestState] = {}
         if not sched.is_empty:
+            step_start = time.time()
             result = self.runner.execute(sched)
             updated = self.scheduler.update_from_output(sched, result.token_ids)
             now = time.time()
@@ -273,13 +314,15 @@ class LLMEngine:
                 state, seq = self._seq_of[req.request_id]
                 if state.first_token_time is None:
                     state.first_token_time = now
+                    # Start of the step that sampled its first token (queue time ends here).
+                    state.metrics["first_scheduled_time"] = step_start
                 self._process_token(seq, token_id, logprobs)
                 touched[state.request_id] = state
         for req in self.scheduler.take_finished():
             state = self._finish_sequence(req)
             if state is not None:
                 touched[state.request_id] = state
-        outputs = [self._make_output(state) for state in touched.values()]
+        outputs = [self._make_output(state) for state in touched.values() if state.finished or not final_only]
         for state in touched.values():
             if state.finished:
                 self._forget(state)
@@ -358,9 +401,10 @@ class LLMEngine:
                     stop_reason=seq.stop_reason,
                 )
             )
-        metrics = {"arrival_time": state.arrival_time}
+        metrics = {"arrival_time": state.arrival_time, **state.metrics}
         if state.first_token_time is not None:
             metrics["first_token_time"] = state.first_token_time
+        metrics["num_preemptions"] = sum(s.request.num_preemptions for s in state.sequences)
         return RequestOutput(
             request_id=state.request_id,
             prompt=state.prompt,
