@@ -1,0 +1,109 @@
+"""The Serve application: two thin deployments and the builder that binds them.
+
+    OpenAIIngress (FastAPI: parse, tokenize, route) --handle--> ModelReplica (engine)
+
+Both classes are thin shells over plain ones (ingress.py + service.py,
+replica.py): they add only what needs Ray (the replica's id, Ray metrics, a
+DeploymentHandle router, drain controls). `build_app(config)` turns one
+validated ServeConfig into deployment options (replica count, resources,
+queue limits, shutdown grace); `app_builder` is the entry point for Serve
+config files (`serve run serve.yaml`, `serve deploy`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from deployments.config import INGRESS_NAME, REPLICA_NAME, SERVE_METRIC_ENV, ServeConfig
+from deployments.ingress import Gate, build_openai_app
+from deployments.metrics import RayReplicaMetrics
+from deployments.replica import ModelReplica
+from deployments.router import ReplicaRouter
+from deployments.service import OpenAIService
+
+class ServeModelReplica(ModelReplica):
+    """ModelReplica as a Serve replica: Ray metrics, its Serve id, engine stopped on shutdown."""
+
+    def __init__(self, config: ServeConfig):
+        super().__init__(config, metrics=RayReplicaMetrics(config.model_name))
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Serve's hook for request routers: the load a custom router ranks replicas by."""
+        return self.stats()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+@serve.ingress()
+class OpenAIIngress:
+    """The HTTP ingress: the OpenAI app, plus controls for a graceful shutdown.
+
+    Args:
+        config: the app's ServeConfig.
+        replica_handle: DeploymentHandle of ModelReplica (Serve passes it from `bind`).
+    """
+
+    def __init__(self, config: ServeConfig, replica_handle: Any):
+        from engine.pull import resolve_model
+        from engine.tokenizer import Tokenizer
+
+        self.gate = Gate()
+        self.router = ReplicaRouter(replica_handle, config.retry_after_s)
+        service = OpenAIService(config, Tokenizer(resolve_model(config.model)), self.router)
+        self._app = build_openai_app(service, self.gate, config)
+
+    def __serve_build_asgi_app__(self):
+        return self._app
+
+    def drain(self) -> int:
+        """Refuse new requests from now on (503); returns the number still in flight."""
+        self.gate.draining = True
+        return self.gate.num_inflight
+
+    def num_inflight(self) -> int:
+        return self.gate.num_inflight
+
+    async def replica_stats(self) -> list[dict[str, Any]]:
+        """Every ModelReplica's load, as seen from this ingress."""
+        return await self.router.replica_stats()
+
+
+def build_app(config: ServeConfig) -> Application:
+    """Deployment options from config, bound into the application graph."""
+    env = {"env_vars": dict(SERVE_METRIC_ENV)}
+    replica_options: dict[str, Any] = dict(
+        name=REPLICA_NAME,
+        max_ongoing_requests=config.replica_max_ongoing_requests,
+        # Serve's router queue (all replicas at max_ongoing_requests) gets the same limit; -1 would be unbounded.
+        max_queued_requests=max(1, config.max_queue_len),
+        graceful_shutdown_timeout_s=config.graceful_shutdown_s,
+        health_check_period_s=2.0,
+        ray_actor_options={"num_cpus": config.replica_num_cpus, "num_gpus": config.replica_num_gpus, "runtime_env": env},
+    )
+    if config.autoscaling_config is not None:
+        replica_options["autoscaling_config"] = config.autoscaling_config
+    else:
+        replica_options["num_replicas"] = config.num_replicas
+    replica = serve.deployment(ServeModelReplica, **replica_options)
+    ingress = serve.deployment(
+        OpenAIIngress,
+        name=INGRESS_NAME,
+        num_replicas=config.num_ingress_replicas,
+        # The ingress only parses and forwards: admission happens at the replicas.
+        max_ongoing_requests=100_000,
+        graceful_shutdown_timeout_s=config.graceful_shutdown_s,
+        ray_actor_options={"num_cpus": 0, "runtime_env": env},
+    )
+    return ingress.bind(config, replica.bind(config))
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Entry point for Serve config files: `import_path: deployments.app:app_builder`, `args:` = ServeConfig."""
+    return build_app(ServeConfig(**(args or {})))

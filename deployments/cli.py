@@ -1,0 +1,144 @@
+"""`shardline serve` and `shardline status`, registered into cluster/cli.py.
+
+    shardline serve [--model M] [--host 127.0.0.1] [--port 8000] [--num-replicas N]
+                    [--num-kv-blocks N] [--address ADDR] [--config serve.yaml]
+    shardline status [--json] [--address auto]
+
+Ray is imported inside the handlers only, so `shardline pull` never pays for
+it. Settings come from, in rising order: ServeConfig's defaults, the first
+application's `args` (and `http_options`) of a Serve config file, the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from deployments.config import APP_NAME
+
+# flag dest -> ServeConfig field, for flags that override the config file.
+_CONFIG_FLAGS = {
+    "model": "model",
+    "served_model_name": "served_model_name",
+    "dtype": "dtype",
+    "max_model_len": "max_model_len",
+    "num_replicas": "num_replicas",
+    "num_kv_blocks": "num_kv_blocks",
+    "max_num_seqs": "max_num_seqs",
+    "max_queue_len": "max_queue_len",
+    "request_timeout": "request_timeout_s",
+    "grace_period": "graceful_shutdown_s",
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API (Ray Serve)",
+        description="Start a local Ray cluster (or join --address), deploy the app, serve until Ctrl-C.",
+    )
+    p.add_argument("--model", help="model folder or pulled alias (default: smollm2-135m)")
+    p.add_argument("--served-model-name", help="the name clients send as `model` (default: the alias or folder name)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"])
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    p.add_argument("--num-replicas", type=int, help="ModelReplica count (default 1)")
+    p.add_argument("--num-kv-blocks", type=int, help="KV cache blocks per replica")
+    p.add_argument("--max-num-seqs", type=int, help="running batch size per replica")
+    p.add_argument("--max-queue-len", type=int, help="waiting requests per replica before 429")
+    p.add_argument("--request-timeout", type=float, help="seconds before a request gets 408")
+    p.add_argument("--grace-period", type=float, help="seconds in-flight requests get on shutdown")
+    p.add_argument("--address", help="join this Ray cluster (e.g. auto, or HEAD_IP:6379) instead of starting one")
+    p.add_argument("--config", help="a Serve config YAML (serve.yaml): its first application's args and http_options")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser(
+        "status",
+        help="show the served app's replicas and queue depth",
+        description="Running, starting and draining replicas and queue depth of each deployment.",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--address", default="auto", help="Ray cluster to read (default: auto, the local one)")
+    p.add_argument("--app-name", default=APP_NAME)
+    p.set_defaults(func=_cmd_status)
+
+
+def load_config_file(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(ServeConfig fields, http_options) from a Serve config YAML or a plain mapping of fields."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    data = yaml.safe_load(file.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    apps = data.get("applications")
+    if apps is None:
+        return data, {}
+    if not apps:
+        raise ValueError(f"{path}: `applications` is empty")
+    return dict(apps[0].get("args") or {}), dict(data.get("http_options") or {})
+
+
+def build_config(args: argparse.Namespace):
+    """ServeConfig and ServerOptions from the flags and the optional config file."""
+    from pydantic import ValidationError
+
+    from deployments.config import ServeConfig
+    from deployments.server import ServerOptions
+
+    fields, http = load_config_file(args.config) if args.config else ({}, {})
+    for flag, field in _CONFIG_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            fields[field] = value
+    try:
+        config = ServeConfig(**fields)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise ValueError(f"invalid setting {where}: {first['msg']}") from None
+    options = ServerOptions(
+        host=args.host or http.get("host", "127.0.0.1"),
+        port=args.port if args.port is not None else int(http.get("port", 8000)),
+        address=args.address,
+    )
+    return config, options
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from deployments.server import serve_forever
+    from engine.pull import resolve_model
+
+    config, options = build_config(args)
+    resolve_model(config.model)  # an unknown or unpulled model fails here, before Ray starts
+    return serve_forever(config, options, print_fn=lambda line: print(line, flush=True))
+
+
+def _connect(address: str) -> None:
+    import ray
+
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    except ConnectionError as e:
+        raise ValueError(f"no Ray cluster at {address!r}: {str(e).splitlines()[0]}") from None
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import ray
+
+    from deployments.status import fetch_status, render_text
+
+    _connect(args.address)
+    try:
+        report = fetch_status(args.app_name)
+    finally:
+        ray.shutdown()
+    print(json.dumps(report) if args.json else render_text(report))
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,178 @@
+"""The HTTP face: a FastAPI app over OpenAIService, behind a guard.
+
+`build_openai_app` is plain FastAPI (no Ray): Serve mounts it in the
+OpenAIIngress deployment (app.py), tests mount it in process. Routes:
+
+    POST /v1/completions        POST /v1/chat/completions
+    GET  /v1/models             GET  /health
+
+`Guard` is an ASGI middleware in front of every route. It answers, before
+FastAPI parses anything: 431 when the headers are larger than
+max_header_bytes, 413 when the body is larger than max_body_bytes (declared
+or streamed), and 503 once the server drains for shutdown. It also counts
+requests in flight, so a shutdown can wait for them. Serve's HTTP proxy does
+not expose uvicorn's parser limits, which is why the limits live here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from deployments.config import ServeConfig
+from deployments.errors import APIError, install_handlers
+from deployments.protocol import ChatCompletionRequest, CompletionRequest
+from deployments.service import OpenAIService
+
+_BODY_METHODS = {"POST", "PUT", "PATCH"}
+
+
+class Gate:
+    """Requests in flight, and whether new ones are still let in."""
+
+    def __init__(self) -> None:
+        self.num_inflight = 0
+        self.draining = False
+
+
+class Guard:
+    """ASGI middleware: header and body size limits, drain, in-flight count.
+
+    Args:
+        app: the ASGI app behind it.
+        gate: the shared Gate (the ingress deployment flips `draining`).
+        max_body_bytes, max_header_bytes: the limits (413, 431).
+    """
+
+    def __init__(self, app: Any, gate: Gate, max_body_bytes: int, max_header_bytes: int):
+        self.app = app
+        self.gate = gate
+        self.max_body_bytes = max_body_bytes
+        self.max_header_bytes = max_header_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        error = self._check_headers(scope)
+        if error is None and self.gate.draining:
+            error = APIError(503, "server is shutting down; not taking new requests")
+        if error is not None:
+            await error.response()(scope, receive, send)
+            return
+        if scope["method"] in _BODY_METHODS:
+            body, error = await self._read_body(receive)
+            if error is not None:
+                await error.response()(scope, receive, send)
+                return
+            receive = _replay(body, receive)
+        self.gate.num_inflight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.gate.num_inflight -= 1
+
+    def _check_headers(self, scope) -> Optional[APIError]:
+        size = sum(len(k) + len(v) + 4 for k, v in scope["headers"])
+        if size > self.max_header_bytes:
+            return APIError(431, f"request headers are {size} bytes; the limit is {self.max_header_bytes}")
+        for k, v in scope["headers"]:
+            if k == b"content-length" and v.isdigit() and int(v) > self.max_body_bytes:
+                return self._too_large(int(v))
+        return None
+
+    def _too_large(self, size: int) -> APIError:
+        return APIError(413, f"request body is {size} bytes or more; the limit is {self.max_body_bytes}")
+
+    async def _read_body(self, receive) -> tuple[bytes, Optional[APIError]]:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b"", APIError(400, "client disconnected while sending the body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return b"", self._too_large(size)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), None
+
+
+def _replay(body: bytes, receive):
+    """A receive() that hands the buffered body over once, then the real one (disconnects)."""
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+class _ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error body."""
+
+    error: _ErrorDetail
+
+
+_ERRORS = {status: {"model": ErrorBody} for status in (400, 404, 408, 413, 429, 431, 500, 503)}
+_GENERATION_RESPONSES = {
+    200: {"content": {"application/json": {}, "text/event-stream": {}}, "description": "The completion, or its stream."},
+    **_ERRORS,
+}
+
+
+def _publish_model_names(app: FastAPI, names: list[str]) -> None:
+    """State in the OpenAPI schema which `model` values exist (anything else is a 404)."""
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = default_openapi()
+            for request in ("CompletionRequest", "ChatCompletionRequest"):
+                schema["components"]["schemas"][request]["properties"]["model"]["enum"] = list(names)
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def build_openai_app(service: OpenAIService, gate: Gate, config: ServeConfig) -> FastAPI:
+    """The OpenAI-compatible FastAPI app over `service`, guarded by `gate` and config's limits."""
+    app = FastAPI(title="shardline", summary="OpenAI-compatible LLM serving", docs_url=None, redoc_url=None)
+    install_handlers(app)
+
+    @app.post("/v1/completions", responses=_GENERATION_RESPONSES)
+    async def completions(body: CompletionRequest):
+        return await service.completions(body)
+
+    @app.post("/v1/chat/completions", responses=_GENERATION_RESPONSES)
+    async def chat_completions(body: ChatCompletionRequest):
+        return await service.chat(body)
+
+    @app.get("/v1/models", responses=_ERRORS)
+    async def models():
+        return service.models()
+
+    @app.get("/health", responses={503: {"model": ErrorBody}})
+    async def health():
+        if gate.draining:
+            return APIError(503, "server is shutting down").response()
+        return JSONResponse({"status": "ok"})
+
+    _publish_model_names(app, [config.model_name])
+    app.add_middleware(Guard, gate=gate, max_body_bytes=config.max_body_bytes, max_header_bytes=config.max_header_bytes)
+    return app

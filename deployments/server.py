@@ -1,0 +1,187 @@
+"""`shardline serve` in the foreground: start (or join) Ray, deploy, wait, drain, stop.
+
+Shutdown, on SIGINT or SIGTERM:
+
+1. every ingress replica starts draining: new requests get 503, /health too;
+2. wait until the requests in flight finish, at most `graceful_shutdown_s`;
+3. shut Serve down (our app only, when we joined someone else's cluster);
+4. `ray.shutdown()`: a cluster this process started goes with it, leaving no
+   raylet or GCS behind.
+
+A second Ctrl-C skips the wait.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from deployments.config import APP_NAME, INGRESS_NAME, SERVE_METRIC_ENV, ServeConfig
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Where and how to serve (what ServeConfig does not cover: the process and network)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Ray address to join ("auto", "ray://...", "IP:6379"); None starts a local cluster.
+    address: Optional[str] = None
+    app_name: str = APP_NAME
+    # Prometheus scrape port of the local Ray node (0: pick a free one).
+    metrics_port: int = 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start_ray(config: ServeConfig, options: ServerOptions) -> tuple[bool, Optional[int]]:
+    """Connect to, or start, a Ray cluster. Returns (started here, metrics port)."""
+    import ray
+
+    for key, value in SERVE_METRIC_ENV.items():
+        os.environ.setdefault(key, value)  # inherited by the raylet, hence by every worker
+    if options.address:
+        ray.init(address=options.address, log_to_driver=False)
+        return False, None
+    metrics_port = options.metrics_port or free_port()
+    replicas = config.num_replicas if config.autoscaling_config is None else int(config.autoscaling_config.get("max_replicas", 1))
+    kwargs = dict(
+        include_dashboard=False,
+        num_cpus=max(os.cpu_count() or 1, int(replicas * config.replica_num_cpus + 0.999)),
+        log_to_driver=False,
+        _metrics_export_port=metrics_port,
+    )
+    if _is_loopback(options.host):
+        kwargs["_node_ip_address"] = "127.0.0.1"  # nothing of Ray listens beyond this machine
+    ray.init(**kwargs)
+    return True, metrics_port
+
+
+def deploy(config: ServeConfig, options: ServerOptions) -> None:
+    """Start Serve's HTTP proxy on host:port and run the app (blocks until it is RUNNING)."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    serve.start(http_options={"host": options.host, "port": options.port})
+    serve.run(build_app(config), name=options.app_name, route_prefix="/", blocking=False)
+
+
+def wait_healthy(base_url: str, timeout_s: float = 60.0) -> None:
+    """Poll GET /health until the proxy routes to the app."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base_url}/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{base_url}/health did not answer within {timeout_s:.0f} s")
+        time.sleep(0.25)
+
+
+def drain(app_name: str, grace_s: float, poll_s: float = 0.2) -> int:
+    """Stop taking requests and wait for those in flight; returns how many were cut."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(INGRESS_NAME, app_name)
+    inflight = sum(handle.broadcast("drain").results(timeout_s=10))
+    deadline = time.monotonic() + grace_s
+    while inflight > 0 and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        inflight = sum(handle.broadcast("num_inflight").results(timeout_s=10))
+    return inflight
+
+
+def stop(options: ServerOptions, started_ray: bool) -> None:
+    import ray
+    from ray import serve
+
+    if started_ray:
+        serve.shutdown()
+    else:
+        serve.delete(options.app_name)
+    ray.shutdown()
+
+
+def banner(config: ServeConfig, options: ServerOptions, metrics_port: Optional[int]) -> str:
+    host = "127.0.0.1" if options.host in ("0.0.0.0", "::") else options.host
+    base = f"http://{host}:{options.port}"
+    body = (
+        '{"model": "%s", "messages": [{"role": "user", "content": "What is the capital of France?"}]}'
+        % config.model_name
+    )
+    lines = [
+        f"shardline: serving {config.model_name} at {base}/v1 (OpenAI API)",
+        f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'",
+    ]
+    if metrics_port:
+        lines.append(f"  metrics: Prometheus scrapes http://{host}:{metrics_port}/metrics (ray_shardline_*)")
+    lines.append("  status: shardline status    stop: Ctrl-C")
+    return "\n".join(lines)
+
+
+def serve_forever(
+    config: ServeConfig, options: ServerOptions, print_fn: Callable[[str], None] = print
+) -> int:
+    """Run until SIGINT/SIGTERM, then drain and stop. Returns the exit status."""
+    stop_event = threading.Event()
+    signals = {signal.SIGINT: None, signal.SIGTERM: None}
+
+    def on_signal(signum, _frame):
+        if stop_event.is_set():  # a second signal: stop waiting for requests in flight
+            raise KeyboardInterrupt
+        stop_event.set()
+
+    for sig in signals:
+        signals[sig] = signal.signal(sig, on_signal)
+    started_ray = False
+    try:
+        started_ray, metrics_port = start_ray(config, options)
+        deploy(config, options)
+        host = "127.0.0.1" if options.host in ("0.0.0.0", "::") else options.host
+        wait_healthy(f"http://{host}:{options.port}")
+        print_fn(banner(config, options, metrics_port))
+        while not stop_event.wait(0.5):
+            pass
+        print_fn("shardline: draining (Ctrl-C again to stop now)")
+        cut = drain(options.app_name, config.graceful_shutdown_s)
+        if cut:
+            print_fn(f"shardline: grace period over, cutting {cut} request(s)")
+        stop(options, started_ray)
+        print_fn("shardline: stopped")
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        for sig, previous in signals.items():
+            signal.signal(sig, previous)
+        _shutdown_ray_if_connected()
+
+
+def _shutdown_ray_if_connected() -> None:
+    """After a failed start or a forced stop: leave no cluster of ours behind."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,286 @@
+"""The OpenAI endpoints' logic: body -> token ids -> replica streams -> response.
+
+`OpenAIService` is plain Python over a `Backend` (anything with
+`generate(GenerateRequest) -> async iterator of ReplicaEvent`): the Serve
+router in production, a ModelReplica itself in tests. For one request it
+
+1. checks the model name (404) and builds SamplingParams (400),
+2. renders the chat template and tokenizes (the ingress owns the tokenizer, so
+   a prefix-aware scheduler can later route on token ids),
+3. opens one replica stream per prompt and waits for each to be admitted or
+   rejected, so a 400/429 is answered before any byte of a 200,
+4. answers with one JSON body, or streams server-sent events ending in
+   `data: [DONE]`; an error after the stream started becomes an error event
+   followed by `[DONE]`.
+
+The whole request runs under one deadline (`request_timeout_s`): 408 before
+the response starts, an error event after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any, AsyncIterator, Optional, Protocol, Union
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from deployments.config import ServeConfig
+from deployments.errors import APIError, model_not_found
+from deployments.events import Admitted, Delta, Failed, GenerateRequest, Rejected, ReplicaEvent
+from deployments.openai_format import SSE_DONE, ResponseBuilder, sse
+from deployments.protocol import ChatCompletionRequest, CompletionRequest
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import ChatTemplateError, Tokenizer
+
+
+class Backend(Protocol):
+    def generate(self, request: GenerateRequest) -> AsyncIterator[ReplicaEvent]: ...
+
+
+class _Deadline:
+    """Seconds left of a request's time budget (None: unlimited)."""
+
+    def __init__(self, timeout_s: Optional[float]):
+        self._end = None if timeout_s is None else time.monotonic() + timeout_s
+        self.timeout_s = timeout_s
+
+    def remaining(self) -> Optional[float]:
+        return None if self._end is None else max(0.0, self._end - time.monotonic())
+
+    def error(self) -> APIError:
+        return APIError(408, f"request did not finish within {self.timeout_s} s")
+
+
+async def _next(it: AsyncIterator[ReplicaEvent], deadline: _Deadline) -> ReplicaEvent:
+    """The stream's next event, or TimeoutError past the deadline."""
+    return await asyncio.wait_for(it.__anext__(), deadline.remaining())
+
+
+def _rejection(event: ReplicaEvent) -> APIError:
+    if isinstance(event, Rejected):
+        headers = {"Retry-After": str(event.retry_after_s)} if event.retry_after_s else None
+        return APIError(event.status, event.message, event.param, headers=headers)
+    if isinstance(event, Failed):
+        return APIError(500, event.message)
+    return APIError(500, f"unexpected first event from the replica: {type(event).__name__}")
+
+
+class _Streams:
+    """The replica streams of one request's prompts, admitted together and merged.
+
+    Args:
+        iterators: one replica stream per prompt, in prompt order.
+    """
+
+    def __init__(self, iterators: list[AsyncIterator[ReplicaEvent]]):
+        self.iterators = iterators
+        self._tasks: list[asyncio.Task] = []
+
+    async def admit(self, deadline: _Deadline) -> list[Admitted]:
+        """Every prompt's Admitted, or the first rejection as an APIError (all streams closed)."""
+        try:
+            firsts = await asyncio.gather(*(_next(it, deadline) for it in self.iterators))
+        except asyncio.TimeoutError:
+            await self.close()
+            raise deadline.error() from None
+        except BaseException:
+            await self.close()
+            raise
+        for event in firsts:
+            if not isinstance(event, Admitted):
+                await self.close()
+                raise _rejection(event)
+        return firsts
+
+    async def events(self) -> AsyncIterator[tuple[int, ReplicaEvent]]:
+        """(prompt index, event) as they arrive, until every stream ends."""
+        if len(self.iterators) == 1:
+            async for event in self.iterators[0]:
+                yield 0, event
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(i: int, it: AsyncIterator[ReplicaEvent]) -> None:
+            try:
+                async for event in it:
+                    await queue.put((i, event))
+            except Exception as e:  # surfaced to the consumer, in order
+                await queue.put((i, e))
+            finally:
+                await queue.put((i, done))
+
+        self._tasks = [asyncio.create_task(pump(i, it)) for i, it in enumerate(self.iterators)]
+        remaining = len(self._tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+
+    async def close(self) -> None:
+        """Stop every stream (aborting unfinished requests at their replicas)."""
+        for task in self._tasks:
+            task.cancel()
+        for it in self.iterators:
+            aclose = getattr(it, "aclose", None)
+            if aclose is not None:
+                try:
+                    await aclose()
+                except (RuntimeError, StopAsyncIteration):
+                    pass  # already running in a cancelled pump task, or finished
+
+
+class OpenAIService:
+    """Completions and chat completions over a backend of model replicas.
+
+    Args:
+        config: the app's ServeConfig (model name, limits, timeout).
+        tokenizer: the served model's tokenizer (chat template included).
+        backend: where GenerateRequests run (the Serve router, or a ModelReplica).
+    """
+
+    def __init__(self, config: ServeConfig, tokenizer: Tokenizer, backend: Backend):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.created = int(time.time())
+
+    # ---- endpoints ---------------------------------------------------------------
+
+    def models(self) -> dict[str, Any]:
+        card = {"id": self.config.model_name, "object": "model", "created": self.created, "owned_by": "shardline"}
+        return {"object": "list", "data": [card]}
+
+    async def completions(self, body: CompletionRequest):
+        self._check_model(body.model)
+        params = self._sampling_params(body, "logprobs")
+        prompts = [self._encode(p) for p in body.prompts()]
+        return await self._respond("completion", "cmpl", body, params, prompts, "prompt", body.logprobs)
+
+    async def chat(self, body: ChatCompletionRequest):
+        self._check_model(body.model)
+        params = self._sampling_params(body, "top_logprobs")
+        messages = [m.as_template_input() for m in body.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except ChatTemplateError as e:
+            raise APIError(400, str(e), "messages") from None
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        return await self._respond("chat", "chatcmpl", body, params, [ids], "messages", top)
+
+    # ---- steps -------------------------------------------------------------------
+
+    def _check_model(self, name: str) -> None:
+        if name != self.config.model_name:
+            raise model_not_found(name)
+
+    def _sampling_params(self, body: Union[CompletionRequest, ChatCompletionRequest], logprobs_param: str) -> SamplingParams:
+        try:
+            params = body.to_sampling_params()
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise APIError(400, f"{logprobs_param} must be at most {self.config.max_logprobs}", logprobs_param)
+        if params.n > self.config.max_n:
+            raise APIError(400, f"n={params.n} exceeds this server's limit of {self.config.max_n}", "n")
+        return params
+
+    def _encode(self, prompt: Union[str, list[int]]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+            if not ids:
+                raise APIError(400, "prompt is empty after tokenization", "prompt")
+            return ids
+        return list(prompt)
+
+    async def _respond(
+        self,
+        kind: str,
+        id_prefix: str,
+        body: Union[CompletionRequest, ChatCompletionRequest],
+        params: SamplingParams,
+        prompts: list[list[int]],
+        prompt_param: str,
+        top_logprobs: Optional[int],
+    ):
+        deadline = _Deadline(self.config.request_timeout_s)
+        response_id = f"{id_prefix}-{uuid.uuid4().hex}"
+        now = time.time()
+        requests = [
+            GenerateRequest(f"{response_id}-{i}", ids, params, prompt_param, arrival_time=now)
+            for i, ids in enumerate(prompts)
+        ]
+        streams = _Streams([self.backend.generate(r) for r in requests])
+        admitted = await streams.admit(deadline)
+        builder = ResponseBuilder(kind, response_id, int(now), self.config.model_name, params.n, top_logprobs)
+        for i, a in enumerate(admitted):
+            builder.admitted(i, a.prompt_tokens)
+        if body.stream:
+            return StreamingResponse(
+                self._sse(builder, streams, deadline, body.include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        try:
+            await self._collect(builder, streams, deadline)
+        finally:
+            await streams.close()
+        return JSONResponse(builder.final_body())
+
+    async def _collect(self, builder: ResponseBuilder, streams: _Streams, deadline: _Deadline) -> None:
+        events = streams.events()
+        try:
+            while True:
+                try:
+                    i, event = await asyncio.wait_for(events.__anext__(), deadline.remaining())
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    raise deadline.error() from None
+                if isinstance(event, Delta):
+                    for choice in event.choices:
+                        builder.add(i, choice, event.num_cached_tokens)
+                elif not isinstance(event, Admitted):
+                    raise _rejection(event)
+        finally:
+            await events.aclose()
+
+    async def _sse(
+        self, builder: ResponseBuilder, streams: _Streams, deadline: _Deadline, include_usage: bool
+    ) -> AsyncIterator[str]:
+        events = streams.events()
+        try:
+            if builder.kind == "chat":
+                for idx in sorted(builder.choices):
+                    yield sse(builder.role_chunk(idx, include_usage))
+            while True:
+                try:
+                    i, event = await asyncio.wait_for(events.__anext__(), deadline.remaining())
+                except StopAsyncIteration:
+                    break
+                if isinstance(event, Delta):
+                    for choice in event.choices:
+                        idx = builder.add(i, choice, event.num_cached_tokens)
+                        if builder.has_news(choice):
+                            yield sse(builder.delta_chunk(idx, choice, include_usage))
+                elif not isinstance(event, Admitted):
+                    raise _rejection(event)
+            if include_usage:
+                yield sse(builder.usage_chunk())
+        except asyncio.TimeoutError:
+            yield deadline.error().sse_event()
+        except APIError as e:
+            yield e.sse_event()
+        except Exception as e:  # the replica died, the engine failed: tell the client, then end
+            yield APIError(500, f"stream failed: {type(e).__name__}: {e}").sse_event()
+        finally:
+            await events.aclose()
+            await streams.close()
+        yield SSE_DONE
