@@ -96,7 +96,9 @@ def dequantize(
     return w.view(n, k).to(dtype)
 
 
-def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
+def dequant_matmul(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, bits: int
+) -> torch.Tensor:
     """x [..., K] @ W.T -> [..., N] for a quantized W: the torch reference of the Triton kernel."""
     check_dequant_matmul_args(x, qweight, scales, group_size, bits)
     return x @ dequantize(qweight, scales, group_size, bits, x.dtype).T
@@ -110,7 +112,9 @@ def check_dequant_matmul_args(
         raise ValueError(f"bits must be one of {BITS}, got {bits}")
     expected = torch.uint8 if bits == 4 else torch.int8
     if qweight.dim() != 2 or qweight.dtype != expected:
-        raise ValueError(f"int{bits} qweight must be a 2-D {expected} tensor, got {tuple(qweight.shape)} {qweight.dtype}")
+        raise ValueError(
+            f"int{bits} qweight must be a 2-D {expected} tensor, got {tuple(qweight.shape)} {qweight.dtype}"
+        )
     k = qweight.shape[1] * (2 if bits == 4 else 1)
     if x.shape[-1] != k or not x.is_floating_point():
         raise ValueError(f"x must be a float tensor [..., {k}], got {tuple(x.shape)} {x.dtype}")
