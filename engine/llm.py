@@ -90,7 +90,7 @@ class LLM:
         num_generated = 0
         try:
             while self.engine.has_unfinished_requests():
-                for out in self.engine.step():
+                for out in self.engine.step(final_only=True):
                     if out.finished:
                         done[out.request_id] = out
                         num_generated += sum(len(o.token_ids) for o in out.outputs)

@@ -16,7 +16,14 @@ from typing import Any, Sequence
 import torch
 
 from engine.config import ModelConfig
-from engine.distributed import LocalProcessLauncher, TensorParallelGroup, WorkerLauncher, WorkerSpec, make_init_method
+from engine.distributed import (
+    LocalProcessLauncher,
+    TensorParallelGroup,
+    WorkerLauncher,
+    WorkerSpec,
+    default_num_threads,
+    make_init_method,
+)
 from engine.tensor_parallel import shard_heads
 from engine.kv_cache import KVCacheManager, KVEvent
 from engine.model_runner import ModelRunner
@@ -130,6 +137,7 @@ class LLMEngine:
         dtype = DTYPES[config.dtype]
         tp = config.tensor_parallel_size
         self.tp_group: TensorParallelGroup | None = None
+        self._saved_num_threads: int | None = None
         if tp > 1:
             # Every rank gets the same number of blocks, sized for the rank with the most KV heads.
             kv_heads = max(len(shard_heads(mc.num_heads, mc.num_kv_heads, r, tp).kv_heads) for r in range(tp))
@@ -144,6 +152,11 @@ class LLMEngine:
                 world_size=tp,
                 init_method=make_init_method(launcher.rendezvous_host()),
             )
+            if isinstance(launcher, LocalProcessLauncher):
+                # Every rank shares this machine's cores: don't oversubscribe them.
+                spec.num_threads = default_num_threads(tp)
+                self._saved_num_threads = torch.get_num_threads()
+                torch.set_num_threads(spec.num_threads)
             self.tp_group = TensorParallelGroup(spec, launcher)
             model = self.tp_group.build_model()
         else:
@@ -181,6 +194,9 @@ class LLMEngine:
         """Stop the worker ranks, if any (the engine is unusable afterwards)."""
         if self.tp_group is not None:
             self.tp_group.close()
+        if self._saved_num_threads is not None:
+            torch.set_num_threads(self._saved_num_threads)
+            self._saved_num_threads = None
 
     @property
     def vocab_size(self) -> int:

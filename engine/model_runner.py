@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from engine.distributed import StepInput, TensorParallelGroup, run_step
 from engine.model import AttentionMetadata, Transformer
 from engine.outputs import PositionLogprobs
 from engine.sampler import Sampler, SamplingRow
@@ -21,15 +22,12 @@ from engine.scheduler import ScheduledRequest, SchedulerOutput
 
 @dataclass
 class ModelInput:
-    """One step's packed tensors, in packed order (decodes first)."""
+    """One step's packed tensors (decodes first) and how they map back to the schedule."""
 
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    meta: AttentionMetadata
+    step: StepInput
     # Indices into SchedulerOutput.scheduled, in packed order.
     order: list[int]
-    # Rows of the hidden states whose logits are sampled, and the scheduled index of each.
-    sample_rows: torch.Tensor
+    # The scheduled index of each sampled row (step.sample_rows).
     sample_indices: list[int]
 
 
@@ -50,12 +48,22 @@ def _block_table(rows: list[list[int]]) -> np.ndarray:
 
 
 class ModelRunner:
-    """Owns the model, its KV cache tensors and the sampler."""
+    """Owns the model (rank 0's shard under tensor parallelism), its KV cache and the sampler."""
 
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int, kv_dtype: torch.dtype, seed: int | None):
+    def __init__(
+        self,
+        model: Transformer,
+        num_blocks: int,
+        block_size: int,
+        kv_dtype: torch.dtype,
+        seed: int | None,
+        tp_group: TensorParallelGroup | None = None,
+    ):
         self.model = model
         self.block_size = block_size
-        self.model.setup_kv_cache(num_blocks, block_size, kv_dtype)
+        self.tp_group = tp_group
+        if model.layers[0].attention.k_cache is None:
+            self.model.setup_kv_cache(num_blocks, block_size, kv_dtype)
         self.sampler = Sampler(seed)
 
     def prepare(self, out: SchedulerOutput) -> ModelInput:
@@ -93,21 +101,21 @@ class ModelRunner:
             prefill_context_lens=torch.from_numpy(context_lens[nd:]),
         )
         sample_pos = [j for j, s in enumerate(reqs) if s.sample]
-        return ModelInput(
+        step = StepInput(
             input_ids=torch.tensor(tokens, dtype=torch.long),
             positions=torch.from_numpy(positions),
             meta=meta,
-            order=order,
             sample_rows=torch.from_numpy(ends[sample_pos] - 1),
-            sample_indices=[order[j] for j in sample_pos],
         )
+        return ModelInput(step=step, order=order, sample_indices=[order[j] for j in sample_pos])
 
     @torch.inference_mode()
-    def compute_logits(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
-        """Run the model; fp32 logits of the sampled rows and their scheduled indices."""
+    def compute_logits(self, out: SchedulerOutput) -> tuple[torch.Tensor | None, list[int]]:
+        """Run the model (on every rank); fp32 logits of the sampled rows and their scheduled indices."""
         inp = self.prepare(out)
-        hidden = self.model(inp.input_ids, inp.positions, inp.meta)
-        return self.model.compute_logits(hidden[inp.sample_rows]), inp.sample_indices
+        if self.tp_group is not None:
+            return self.tp_group.run(self.model, inp.step), inp.sample_indices
+        return run_step(self.model, inp.step), inp.sample_indices
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:

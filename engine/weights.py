@@ -120,8 +120,7 @@ def set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
 def load_weights(model: Transformer, folder: str | Path, dtype: torch.dtype, plan: WeightPlan | None = None) -> None:
     """Fill every parameter of a meta-built model from the folder's checkpoint."""
     with CheckpointReader(folder) as reader:
-        has_lm_head = "lm_head.weight" in reader.names()
-        plan = plan or full_weight_plan(model.config, has_lm_head)
+        plan = plan or full_weight_plan(model.config, "lm_head.weight" in reader.names())
         for name, pieces in plan.items():
             parts = [reader.read(p) for p in pieces]
             value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
@@ -133,20 +132,26 @@ def load_weights(model: Transformer, folder: str | Path, dtype: torch.dtype, pla
         raise ValueError(f"checkpoint left parameters unset: {missing[:5]}")
 
 
+def checkpoint_has_lm_head(folder: str | Path) -> bool:
+    """Whether the checkpoint stores its own LM head (else it is tied to the embedding)."""
+    with CheckpointReader(folder) as reader:
+        return "lm_head.weight" in reader.names()
+
+
 def build_model(
     folder: str | Path,
     dtype: torch.dtype = torch.float32,
     max_positions: int | None = None,
-    transform: Callable[[Transformer], WeightPlan] | None = None,
+    transform: Callable[[Transformer, bool], WeightPlan] | None = None,
 ) -> Transformer:
     """Build on the meta device, optionally reshape it (tensor parallelism), then load.
 
-    `transform` may rewrite the meta model in place and returns the weight
-    plan that fills it; only the tensors it names are read.
+    `transform(model, has_lm_head)` may rewrite the meta model in place and
+    returns the weight plan that fills it; only the tensors it names are read.
     """
     config = ModelConfig.from_folder(folder)
     with init_empty_weights():
         model = Transformer(config, max_positions)
-    plan = transform(model) if transform else None
+        plan = transform(model, checkpoint_has_lm_head(folder)) if transform else None
     load_weights(model, folder, dtype, plan)
     return model.eval()

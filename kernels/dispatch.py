@@ -53,7 +53,22 @@ def triton_available() -> bool:
 
 
 def resolve(name: str, impl: str, device: torch.device) -> Callable:
-    """The implementation of kernel `name` to run on `device` for the requested `impl`."""
+    """The implementation of kernel `name` to run on `device` for the requested `impl`.
+
+    Called on every kernel launch, so the answer is memoized per (name, impl,
+    device type, override, interpreter flag).
+    """
+    key = (name, impl, device.type, os.environ.get("SHARDLINE_KERNELS"), os.environ.get("TRITON_INTERPRET"))
+    fn = _resolved.get(key)
+    if fn is None:
+        fn = _resolved[key] = _resolve(name, impl, device)
+    return fn
+
+
+_resolved: dict[tuple, Callable] = {}
+
+
+def _resolve(name: str, impl: str, device: torch.device) -> Callable:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
