@@ -6,6 +6,9 @@ sequences, GQA groups of 1, 3 and 8, block sizes 4 and 16, context lengths
 that end mid-block, rows of 123 columns. Tolerances are per dtype; the
 bf16 ones also cover the interpreter rounding fp32 -> bf16 toward zero
 where the GPU rounds to nearest even (one bf16 ulp, 2**-8 relative).
+What the interpreter lets pass (tl.dot's 16-element minimum, values that
+must be compile-time constants) test_kernels_compile_for_h100 catches by
+compiling every kernel for sm_90, which needs no GPU.
 
 triton is a dev dependency on Linux, like pytest itself: there these tests
 never skip. They skip only where triton cannot be installed.
@@ -344,6 +347,19 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         kernels.rms_norm(x, torch.ones(8), 1e-6, impl="triton")
     # auto never picks Triton for CPU tensors
     torch.testing.assert_close(kernels.rms_norm(x, torch.ones(8), 1e-6), reference.rms_norm(x, torch.ones(8), 1e-6))
+
+
+def test_kernels_import_and_run_without_triton():
+    """triton is a Linux-only dev dependency: `import kernels` and the CPU paths must not need it."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
+        "import torch, kernels\n"
+        "x = torch.randn(3, 8)\n"
+        "kernels.rms_norm(x, torch.ones(8), 1e-6)\n"
+        "assert not any(m.startswith('kernels.triton') for m in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_gpu_benchmark_cpu_smoke():
