@@ -279,15 +279,27 @@ class TensorParallelGroup:
             raise
         self.broadcaster = StepBroadcaster(self.ctx)
         self._closed = False
+        # Set once a collective failed: the group cannot be trusted again.
+        self._broken: str | None = None
 
     def build_model(self) -> Transformer:
         return build_shard(self.spec, self.ctx)
 
+    def healthy(self) -> bool:
+        """False once a shard died or a collective failed (the replica must be replaced)."""
+        return self._broken is None and not self._closed and self.launcher.alive()
+
     def run(self, model: Transformer, inp: StepInput) -> torch.Tensor | None:
-        if not self.launcher.alive():
-            raise RuntimeError("a tensor-parallel shard died; this replica must be replaced")
-        self.broadcaster.send(inp)
-        return run_step(model, inp)
+        if self._broken is None and not self.launcher.alive():
+            self._broken = "a tensor-parallel shard died"
+        if self._broken is not None:
+            raise RuntimeError(f"{self._broken}; this replica must be replaced")
+        try:
+            self.broadcaster.send(inp)
+            return run_step(model, inp)
+        except RuntimeError as e:
+            self._broken = f"a tensor-parallel shard failed ({e})"
+            raise RuntimeError(f"{self._broken}; this replica must be replaced") from e
 
     def close(self) -> None:
         """Tell the workers to stop, then reap them."""
@@ -295,12 +307,32 @@ class TensorParallelGroup:
             return
         self._closed = True
         try:
-            if self.launcher.alive():
+            if self._broken is None and self.launcher.alive():
                 self.broadcaster.send_stop()
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
             self.launcher.shutdown()
+
+
+def make_launcher(backend: str, placement_strategy: str = "PACK") -> WorkerLauncher:
+    """A launcher by name: "mp" (local processes) or "ray" (actors in a placement group).
+
+    The Ray launcher lives in deployments/ (the engine never imports ray), and
+    is imported only when asked for; it starts a local Ray cluster, or joins
+    the running one, when Ray is not initialized yet.
+    """
+    if backend == "mp":
+        return LocalProcessLauncher()
+    if backend == "ray":
+        import importlib
+
+        ray = importlib.import_module("ray")
+        if not ray.is_initialized():
+            ray.init()
+        module = importlib.import_module("deployments.tensor_parallel")
+        return module.RayWorkerLauncher(strategy=placement_strategy)
+    raise ValueError(f"distributed_executor_backend must be 'ray' or 'mp', got {backend!r}")
 
 
 def make_init_method(host: str) -> str:

@@ -24,13 +24,35 @@ class LLM:
         num_kv_blocks / kv_cache_memory_gb: KV cache size, in blocks or as a memory budget.
         enable_prefix_caching: share KV blocks of common prefixes across requests.
         seed: seed of unseeded sampling.
+        tensor_parallel_size: split the model over this many ranks.
+        distributed_executor_backend: where ranks 1..N-1 run: "ray" (actors in a
+            placement group; starts a local Ray cluster or joins the running one)
+            or "mp" (local processes).
+        placement_strategy: PACK (one node) or SPREAD / STRICT_SPREAD (across nodes), for "ray".
     """
 
-    def __init__(self, model: str, **kwargs: Any):
+    def __init__(
+        self,
+        model: str,
+        *,
+        tensor_parallel_size: int = 1,
+        distributed_executor_backend: str = "ray",
+        placement_strategy: str = "PACK",
+        **kwargs: Any,
+    ):
+        from engine.distributed import make_launcher
         from engine.pull import resolve_model
 
-        self.engine = LLMEngine(EngineConfig(model=resolve_model(model), **kwargs))
+        launcher = None
+        if tensor_parallel_size > 1:
+            launcher = make_launcher(distributed_executor_backend, placement_strategy)
+        config = EngineConfig(model=resolve_model(model), tensor_parallel_size=tensor_parallel_size, **kwargs)
+        self.engine = LLMEngine(config, launcher)
         self._ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any."""
+        self.engine.shutdown()
 
     def get_tokenizer(self):
         return self.engine.tokenizer

@@ -190,6 +190,10 @@ class LLMEngine:
         ceiling = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size)
         return max(1, min(budget, ceiling))
 
+    def healthy(self) -> bool:
+        """False when a tensor-parallel shard is gone: the engine cannot run steps any more."""
+        return self.tp_group is None or self.tp_group.healthy()
+
     def shutdown(self) -> None:
         """Stop the worker ranks, if any (the engine is unusable afterwards)."""
         if self.tp_group is not None:

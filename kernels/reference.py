@@ -99,7 +99,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     if offset == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     # allowed[i, j]: key j is at or before query i's position
-    allowed = torch.arange(ctx)[None, :] <= (torch.arange(q_len)[:, None] + offset)
+    allowed = torch.arange(ctx, device=q.device)[None, :] <= (torch.arange(q_len, device=q.device)[:, None] + offset)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=True)
 
 
