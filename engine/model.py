@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import kernels
 from engine.config import ModelConfig
@@ -155,8 +154,7 @@ class Attention(nn.Module):
         assert self.k_cache is not None and self.v_cache is not None, "setup_kv_cache() first"
         # Write this step's K/V into their slots before attending: a sequence's
         # queries read their own new keys from the cache like any cached ones.
-        self.k_cache.view(-1, self.n_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
-        self.v_cache.view(-1, self.n_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
+        kernels.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
 
         nd = meta.num_decode_tokens
         if nd == num_tokens:
@@ -188,8 +186,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(kernels.silu_and_mul(self.w13(x)))
 
 
 class RMSNorm(nn.Module):

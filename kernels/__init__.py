@@ -56,6 +56,8 @@ register(
     triton_impl=_lazy_triton("triton_rotary", "apply_rotary_emb"),
     native_impl=cpu_native.apply_rotary_emb,
 )
+register("silu_and_mul", torch_impl=reference.silu_and_mul, native_impl=cpu_native.silu_and_mul)
+register("write_kv_cache", torch_impl=reference.write_kv_cache, native_impl=cpu_native.write_kv_cache)
 register(
     "dequant_matmul", torch_impl=quant.dequant_matmul, triton_impl=_lazy_triton("triton_quant", "dequant_matmul")
 )
@@ -109,6 +111,23 @@ def apply_rotary_emb(
     return resolve("apply_rotary_emb", impl, q.device)(q, k, positions, cos_sin_cache)
 
 
+def silu_and_mul(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """silu(gate) * up for a fused [..., 2 * d] gate/up projection."""
+    return resolve("silu_and_mul", impl, x.device)(x)
+
+
+def write_kv_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    impl: str = "auto",
+) -> None:
+    """Store this step's K and V ([tokens, kv_heads, head_dim]) into their paged-cache slots."""
+    resolve("write_kv_cache", impl, key.device)(key, value, key_cache, value_cache, slot_mapping)
+
+
 def dequant_matmul(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, bits: int, impl: str = "auto"
 ) -> torch.Tensor:
@@ -122,5 +141,7 @@ __all__ = [
     "rms_norm",
     "fused_add_rms_norm",
     "apply_rotary_emb",
+    "silu_and_mul",
+    "write_kv_cache",
     "dequant_matmul",
 ]

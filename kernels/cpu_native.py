@@ -62,12 +62,15 @@ def _build() -> ctypes.CDLL:
         "paged_decode": ([p] * 6 + [i] * 6 + [f, i], ctypes.c_int),
         "rms_norm": ([p] * 5 + [i, i, f, i], None),
         "rotary": ([p] * 6 + [i] * 4 + [l, l, i], None),
+        "silu_and_mul": ([p, p, i, i, i], None),
     }
     for base, (argtypes, restype) in signatures.items():
         for suffix in ("f32", "bf16"):
             fn = getattr(lib, f"{base}_{suffix}")
             fn.argtypes = argtypes
             fn.restype = restype
+    lib.write_kv_cache.argtypes = [p] * 5 + [i, l, l, l]
+    lib.write_kv_cache.restype = None
     return lib
 
 
@@ -222,3 +225,45 @@ def apply_rotary_emb(
         torch.get_num_threads(),
     )
     return q_out, k_out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """Same contract as kernels.reference.silu_and_mul."""
+    fn = _kernel("silu_and_mul", x.dtype)
+    dim = x.shape[-1] // 2
+    x = x.contiguous()
+    out = torch.empty(*x.shape[:-1], dim, dtype=x.dtype)
+    fn(x.data_ptr(), out.data_ptr(), x.numel() // (2 * dim), dim, torch.get_num_threads())
+    return out
+
+
+def write_kv_cache(
+    key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Same contract as kernels.reference.write_kv_cache; key and value may be row-strided views."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {_build_error}")
+    num_tokens, num_kv_heads, head_dim = key.shape
+    if key_cache.shape[2:] != (num_kv_heads, head_dim) or key.dtype != key_cache.dtype or value.dtype != key.dtype:
+        raise ValueError(f"bad shapes: key {tuple(key.shape)} {key.dtype}, cache {tuple(key_cache.shape)} {key_cache.dtype}")
+    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+        raise ValueError("caches must be contiguous")
+    row = num_kv_heads * head_dim
+    if key.stride(2) != 1 or key.stride(1) != head_dim:
+        key = key.contiguous()
+    if value.stride(2) != 1 or value.stride(1) != head_dim:
+        value = value.contiguous()
+    slots = slot_mapping.to(torch.int64).contiguous()
+    size = key.element_size()
+    lib.write_kv_cache(
+        key.data_ptr(),
+        value.data_ptr(),
+        key_cache.data_ptr(),
+        value_cache.data_ptr(),
+        slots.data_ptr(),
+        num_tokens,
+        row * size,
+        key.stride(0) * size,
+        value.stride(0) * size,
+    )

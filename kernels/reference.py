@@ -137,3 +137,18 @@ def apply_rotary_emb(
     cos = torch.cat((cos, cos), dim=-1).unsqueeze(1)
     sin = torch.cat((sin, sin), dim=-1).unsqueeze(1)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation over a fused gate/up projection: x [..., 2 * d] -> [..., d]."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def write_kv_cache(
+    key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store each token's K and V ([tokens, kv_heads, head_dim]) at its flat slot of the paged caches."""
+    num_kv_heads, head_dim = key_cache.shape[2:]
+    key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
+    value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)

@@ -93,3 +93,25 @@ def test_bad_inputs_are_refused():
         cpu_native.paged_attention_decode(q.half(), k.half(), v.half(), tables, lens, 0.25)
     with pytest.raises(ValueError):
         cpu_native.paged_attention_decode(q, k.bfloat16(), v, tables, lens, 0.25)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 2 * 64), (7, 2 * 100), (3, 5, 2 * 48)])
+def test_silu_and_mul(dtype, shape):
+    x = (torch.randn(*shape, generator=torch.Generator().manual_seed(3)) * 3).to(dtype)
+    torch.testing.assert_close(cpu_native.silu_and_mul(x), reference.silu_and_mul(x), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_cache_from_strided_views(dtype):
+    g = torch.Generator().manual_seed(4)
+    num_tokens, kv_heads, head_dim = 9, 3, 16
+    qkv = torch.randn(num_tokens, (4 + 2 * kv_heads) * head_dim, generator=g).to(dtype)
+    k = qkv[:, 4 * head_dim : (4 + kv_heads) * head_dim].view(num_tokens, kv_heads, head_dim)
+    v = qkv[:, (4 + kv_heads) * head_dim :].view(num_tokens, kv_heads, head_dim)
+    slots = torch.randperm(40, generator=g)[:num_tokens]
+    caches = [torch.zeros(10, 4, kv_heads, head_dim, dtype=dtype) for _ in range(4)]
+    cpu_native.write_kv_cache(k, v, caches[0], caches[1], slots)
+    reference.write_kv_cache(k, v, caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    assert caches[0].abs().sum() > 0

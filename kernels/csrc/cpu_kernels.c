@@ -173,3 +173,39 @@ DEFINE_RMS_NORM(rms_norm_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
 
 DEFINE_ROTARY(rotary_f32, float, LOAD_F32, STORE_F32)
 DEFINE_ROTARY(rotary_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+
+// ---------------------------------------------------------------------------
+// silu(gate) * up over the fused gate/up projection, rounding as torch does
+// (silu's result is rounded to the storage dtype before the product).
+//   x: [num_tokens, 2 * dim] (gate first); out: [num_tokens, dim]
+
+#define DEFINE_SILU_AND_MUL(NAME, ELEM, LOAD, STORE)                                                    \
+    void NAME(const ELEM* x, ELEM* out, int num_tokens, int dim, int num_threads) {                     \
+        _Pragma("omp parallel for num_threads(num_threads) if((long)num_tokens * dim > 65536)")         \
+        for (int t = 0; t < num_tokens; t++) {                                                          \
+            const ELEM* gate = x + (long)t * 2 * dim;                                                   \
+            const ELEM* up = gate + dim;                                                                \
+            ELEM* o = out + (long)t * dim;                                                              \
+            for (int d = 0; d < dim; d++) {                                                             \
+                const float g = LOAD(gate[d]);                                                          \
+                o[d] = STORE(LOAD(STORE(g / (1.f + expf(-g)))) * LOAD(up[d]));                          \
+            }                                                                                           \
+        }                                                                                               \
+    }
+
+DEFINE_SILU_AND_MUL(silu_and_mul_f32, float, LOAD_F32, STORE_F32)
+DEFINE_SILU_AND_MUL(silu_and_mul_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+
+// ---------------------------------------------------------------------------
+// Write each token's K and V into its cache slot.
+//   key, value: [num_tokens, num_kv_heads * head_dim] rows at any stride
+//   k_cache, v_cache: [num_slots, num_kv_heads * head_dim]; slot_mapping: [num_tokens]
+
+void write_kv_cache(const char* key, const char* value, char* k_cache, char* v_cache, const int64_t* slot_mapping,
+                    int num_tokens, long row_bytes, long key_stride_bytes, long value_stride_bytes) {
+    for (int t = 0; t < num_tokens; t++) {
+        const long slot = slot_mapping[t];
+        memcpy(k_cache + slot * row_bytes, key + t * key_stride_bytes, row_bytes);
+        memcpy(v_cache + slot * row_bytes, value + t * value_stride_bytes, row_bytes);
+    }
+}
