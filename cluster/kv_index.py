@@ -74,6 +74,8 @@ class ApplyResult(enum.Enum):
 class _ReplicaEntry:
     """The index's view of one replica."""
 
+    # This replica's bit in the holder masks.
+    bit: int
     hashes: set[BlockHash] = field(default_factory=set)
     # The seq the next batch must carry.
     next_seq: int = 0
@@ -110,18 +112,30 @@ class KVIndex:
     def __init__(self, resync_retry_s: float = 5.0, max_buffered: int = 256):
         self.resync_retry_s = resync_retry_s
         self.max_buffered = max_buffered
-        self._holders: dict[BlockHash, set[ReplicaId]] = {}
+        # Hash -> bitmask of the replicas holding it. NOTE: ints, not sets: a
+        # dict of bytes -> int is invisible to Python's cyclic GC, whose full
+        # collections would otherwise walk a million holder sets (ms pauses).
+        self._holders: dict[BlockHash, int] = {}
         self._replicas: dict[ReplicaId, _ReplicaEntry] = {}
+        # Bit -> replica; freed bits are reused.
+        self._by_bit: dict[int, ReplicaId] = {}
+        self._free_bits: list[int] = []
         self._num_gaps = 0
+
+    def _entry(self, rid: ReplicaId) -> _ReplicaEntry:
+        entry = self._replicas.get(rid)
+        if entry is None:
+            bit = self._free_bits.pop() if self._free_bits else len(self._by_bit)
+            entry = self._replicas[rid] = _ReplicaEntry(bit)
+            self._by_bit[bit] = rid
+        return entry
 
     # ---- updates -----------------------------------------------------------
 
     def apply(self, replica_id: str, seq: int, events: Iterable[Any], now: float) -> ApplyResult:
         """Apply one report's batch of events (oldest first)."""
         rid = ReplicaId(replica_id)
-        entry = self._replicas.get(rid)
-        if entry is None:
-            entry = self._replicas[rid] = _ReplicaEntry()
+        entry = self._entry(rid)
         if entry.stale:
             self._buffer(entry, seq, events)
             return self._ask_resync(entry, now)
@@ -144,9 +158,7 @@ class KVIndex:
         replica stays stale (the next report asks for a snapshot again).
         """
         rid = ReplicaId(replica_id)
-        entry = self._replicas.get(rid)
-        if entry is None:
-            entry = self._replicas[rid] = _ReplicaEntry()
+        entry = self._entry(rid)
         self._clear(rid, entry)
         self._apply_batch(rid, entry, [(STORED, tuple(all_hashes))])
         entry.stale = False
@@ -170,34 +182,37 @@ class KVIndex:
         entry = self._replicas.pop(rid, None)
         if entry is not None:
             self._clear(rid, entry)
+            del self._by_bit[entry.bit]
+            self._free_bits.append(entry.bit)
 
     def _apply_batch(self, rid: ReplicaId, entry: _ReplicaEntry, events: Sequence[WireEvent]) -> None:
+        mask = 1 << entry.bit
+        holders = self._holders
         for kind, hashes in events:
             if kind == STORED:
                 for h in hashes:
                     entry.hashes.add(h)
-                    holders = self._holders.get(h)
-                    if holders is None:
-                        self._holders[h] = {rid}
-                    else:
-                        holders.add(rid)
+                    holders[h] = holders.get(h, 0) | mask
             elif kind == REMOVED:
                 for h in hashes:
                     entry.hashes.discard(h)
-                    holders = self._holders.get(h)
-                    if holders is not None:
-                        holders.discard(rid)
-                        if not holders:
-                            del self._holders[h]
+                    held = holders.get(h, 0) & ~mask
+                    if held:
+                        holders[h] = held
+                    else:
+                        holders.pop(h, None)
             else:
                 raise ValueError(f"unknown KV event kind {kind!r}; expected {STORED!r} or {REMOVED!r}")
 
     def _clear(self, rid: ReplicaId, entry: _ReplicaEntry) -> None:
+        keep = ~(1 << entry.bit)
+        holders = self._holders
         for h in entry.hashes:
-            holders = self._holders[h]
-            holders.discard(rid)
-            if not holders:
-                del self._holders[h]
+            held = holders[h] & keep
+            if held:
+                holders[h] = held
+            else:
+                del holders[h]
         entry.hashes = set()
 
     def _buffer(self, entry: _ReplicaEntry, seq: int, events: Iterable[Any]) -> None:
@@ -230,28 +245,31 @@ class KVIndex:
     def matches(self, block_hashes: Sequence[bytes]) -> dict[str, int]:
         """Leading hashes cached, per replica with at least one hit.
 
-        One walk down the hash list with a shrinking set of candidates:
-        O(prefix length + replicas dropped along the way).
+        One walk down the hash list, and-ing the holder masks: O(prefix
+        length), plus the replicas dropped along the way.
         """
         result: dict[str, int] = {}
-        active: set[ReplicaId] | None = None
+        holders = self._holders
+        active = -1  # all bits
         depth = 0
         for h in block_hashes:
-            holders = self._holders.get(h)
-            if not holders:
-                break
-            if active is None:
-                active = set(holders)
-            elif not active <= holders:
-                for rid in active - holders:
-                    result[rid] = depth
-                active &= holders
-                if not active:
-                    break
+            held = active & holders.get(h, 0)
+            if held != active:
+                if depth:
+                    self._record(active & ~held, depth, result)
+                if not held:
+                    return result
+                active = held
             depth += 1
-        for rid in active or ():
-            result[rid] = depth
+        if depth:
+            self._record(active, depth, result)
         return result
+
+    def _record(self, mask: int, depth: int, result: dict[str, int]) -> None:
+        while mask:
+            low = mask & -mask
+            result[self._by_bit[low.bit_length() - 1]] = depth
+            mask ^= low
 
     def is_stale(self, replica_id: str) -> bool:
         entry = self._replicas.get(ReplicaId(replica_id))

@@ -16,8 +16,10 @@ Policies, selectable by name (`make_policy`):
   If the cluster is imbalanced (max active - min active > `balance_abs` and
   max > `balance_rel` * min) the least active replica wins. Otherwise the
   replica whose tree matches the longest prefix of the text wins if the match
-  covers more than `cache_threshold` of the text, else the replica with the
-  smallest tree (the most room). The text is inserted into the winner's tree.
+  covers more than `cache_threshold` of the text (the request waits in the
+  global queue while that replica is full, as it would queue at an SGLang
+  worker), else the replica with the smallest tree (the most room). The text
+  is inserted into the winner's tree.
 - `kv_aware` (the default): exact. The cost of a replica is the time-to-first
   token in prefill-token units:
 
@@ -36,11 +38,13 @@ Policies, selectable by name (`make_policy`):
   that can, the request waits in the global queue for up to
   `affinity_wait_s` rather than recompute its prefix elsewhere.
 
-Feasibility ("can start now") is mechanism, shared by all policies: a free
-batch slot (active < max_num_seqs, at most `max_replica_waiting` requests
-queued there) and free KV blocks for the uncached part of the prompt plus
-one generated token, above a small watermark. Batch work is held to a
-utilisation ceiling (`StartLimits.max_seq_util`, `max_kv_util`).
+Feasibility ("can start now") is mechanism: a free batch slot (active <
+max_num_seqs, at most `max_replica_waiting` requests queued there) and, for
+`kv_aware`, free KV blocks for the uncached part of the prompt plus one
+generated token, above a small watermark. The KV-blind policies know nothing
+of blocks, as Serve's and SGLang's routers do not: a free slot is enough and
+the replica's engine queues what it has no blocks for. Batch work is held to
+a utilisation ceiling (`StartLimits.max_seq_util`, `max_kv_util`).
 """
 
 from __future__ import annotations
@@ -160,7 +164,7 @@ class StartLimits:
     max_kv_util: float = 1.0
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class ReplicaView:
     """One replica as a policy sees it for one request."""
 
@@ -211,21 +215,25 @@ def build_views(
     matches: Mapping[str, int],
     limits: StartLimits,
     indexed_blocks: Mapping[str, int] | None = None,
+    check_kv: bool = True,
 ) -> list[ReplicaView]:
-    """One view per replica in `loads` (effective loads), in the mapping's order."""
+    """One view per replica in `loads` (effective loads), in the mapping's order.
+
+    With `check_kv=False` (the KV-blind policies) a free batch slot is enough
+    to start, as with Serve's own routing: the replica's engine queues a
+    request it has no blocks for.
+    """
+    if not check_kv:
+        limits = replace(limits, kv_watermark=0.0, max_kv_util=1.0)
+    n, bs = request.num_prompt_tokens, request.block_size
+    need_all = blocks_needed(n, bs, 0)
+    indexed_blocks = indexed_blocks or {}
     views = []
     for rid, load in loads.items():
-        cached = usable_cached_blocks(request.num_prompt_tokens, request.block_size, matches.get(rid, 0))
-        need = blocks_needed(request.num_prompt_tokens, request.block_size, cached)
-        views.append(
-            ReplicaView(
-                replica_id=rid,
-                load=load,
-                cached_blocks=cached,
-                can_start=can_start(load, need, limits),
-                indexed_blocks=indexed_blocks.get(rid, 0) if indexed_blocks else 0,
-            )
-        )
+        matched = matches.get(rid, 0)
+        cached = usable_cached_blocks(n, bs, matched) if matched else 0
+        need = (need_all - cached) if check_kv else 0
+        views.append(ReplicaView(rid, load, cached, can_start(load, need, limits), indexed_blocks.get(rid, 0)))
     return views
 
 
@@ -238,6 +246,8 @@ class PlacementPolicy:
     """Picks a replica for a request among views; stateful policies learn from `on_placed`."""
 
     name: ClassVar[str] = ""
+    # Whether the policy reads the exact KV index; KV-blind policies bind on a free slot alone.
+    uses_kv: ClassVar[bool] = False
 
     def choose(self, request: RouteRequest, views: Sequence[ReplicaView], waited_s: float = 0.0) -> str | None:
         """A replica that can start `request` now, or None to keep it queued."""
@@ -303,6 +313,7 @@ class KVAwarePolicy(PlacementPolicy):
     """
 
     name = "kv_aware"
+    uses_kv = True
 
     def __init__(
         self,
@@ -340,20 +351,28 @@ class KVAwarePolicy(PlacementPolicy):
     def choose(self, request, views, waited_s=0.0):
         if not views:
             return None
-        min_active = min(v.load.active for v in views)
-        allowed = [
-            v for v in views if not is_overloaded(v.load.active, min_active, self.balance_abs, self.balance_rel)
-        ]
-        startable = [v for v in allowed if v.can_start] or [v for v in views if v.can_start]
-        if not startable:
+        # One pass. The guard: a replica is overloaded when its active count
+        # exceeds both min + balance_abs and balance_rel * min.
+        min_active = min(v.load.num_running + v.load.num_waiting for v in views)
+        bound = max(min_active + self.balance_abs, self.balance_rel * min_active)
+        best = best_any = fallback = None  # (cost, indexed blocks, id, view)
+        for v in views:
+            key = (self.cost(request, v), v.indexed_blocks, v.replica_id, v)
+            allowed = v.load.num_running + v.load.num_waiting <= bound
+            if allowed and (best_any is None or key < best_any):
+                best_any = key
+            if v.can_start:
+                if allowed and (best is None or key < best):
+                    best = key
+                if fallback is None or key < fallback:
+                    fallback = key
+        best = best or fallback
+        if best is None:
             return None
-        key = lambda v: (self.cost(request, v), v.indexed_blocks, v.replica_id)  # noqa: E731
-        best = min(startable, key=key)
-        if waited_s < self.affinity_wait_s:
-            best_any = min(allowed, key=key)
-            if not best_any.can_start and key(best)[0] - key(best_any)[0] >= self.affinity_min_saving:
+        if waited_s < self.affinity_wait_s and best_any is not None and not best_any[3].can_start:
+            if best[0] - best_any[0] >= self.affinity_min_saving:
                 return None
-        return best.replica_id
+        return best[2]
 
 
 class _Node:
@@ -468,11 +487,18 @@ class TextPrefixTree:
 
 
 def _common_prefix(edge: str, text: str, pos: int) -> int:
+    """Length of the common prefix of `edge` and `text[pos:]` (C-speed compares, binary search)."""
     n = min(len(edge), len(text) - pos)
-    i = 0
-    while i < n and edge[i] == text[pos + i]:
-        i += 1
-    return i
+    if text.startswith(edge[:n], pos):
+        return n
+    lo, hi = 0, n  # edge[:lo] matches, edge[:hi] does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if text.startswith(edge[:mid], pos):
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 class PrefixApproxPolicy(PlacementPolicy):
@@ -512,9 +538,10 @@ class PrefixApproxPolicy(PlacementPolicy):
             return least.replica_id
         text = request.prompt_text
         matched = self.tree.match(text) if text else {}
-        best = min(startable, key=lambda v: (-matched.get(v.replica_id, 0), v.load.active, v.replica_id))
+        best = min(views, key=lambda v: (-matched.get(v.replica_id, 0), not v.can_start, v.load.active, v.replica_id))
         if text and matched.get(best.replica_id, 0) / len(text) > self.cache_threshold:
-            return best.replica_id
+            # As SGLang's router would queue it at that worker, wait here for it.
+            return best.replica_id if best.can_start else None
         sizes = self.tree.sizes
         return min(startable, key=lambda v: (sizes.get(v.replica_id, 0), v.load.active, v.replica_id)).replica_id
 

@@ -296,7 +296,7 @@ class Scheduler:
             req = item.request
             limits = self.config.batch_limits if req.priority is Priority.BATCH else self.config.interactive_limits
             matches = self.index.matches(req.block_hashes)
-            views = build_views(req, loads, matches, limits, indexed)
+            views = build_views(req, loads, matches, limits, indexed, check_kv=self.policy.uses_kv)
             rid = self.policy.choose(req, views, waited_s=now - item.arrival)
             if rid is None:
                 return None

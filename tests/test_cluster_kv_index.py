@@ -116,6 +116,10 @@ def test_remove_replica_and_stats():
     assert idx.matches([h(1), h(2)]) == {"b": 1}
     assert idx.stats().num_hashes == 1
     assert idx.replicas() == ["b"]
+    # A new replica reuses a's slot in the holder masks, not its hashes.
+    idx.apply("c", 0, [(STORED, (h(3),))], now=0.0)
+    assert idx.matches([h(1), h(2)]) == {"b": 1}
+    assert idx.matches([h(3)]) == {"c": 1}
 
 
 def test_index_follows_a_real_block_pool_without_drift():

@@ -228,3 +228,12 @@ def test_prefix_approx_evicts_by_size():
     for i in range(10):
         p.on_placed(request(text=f"{i:02d}" + "x" * 30), "a")
         assert p.tree.sizes["a"] <= 100
+
+
+def test_kv_blind_policies_bind_on_a_free_slot_alone():
+    req = request(640)
+    loads = {"a": load(free=5), "b": load(running=16, free=900)}
+    views = build_views(req, loads, {}, StartLimits(), check_kv=False)
+    assert [v.can_start for v in views] == [True, False]
+    assert [v.can_start for v in build_views(req, loads, {}, StartLimits())] == [False, False]
+    assert {name for name, cls in POLICIES.items() if cls.uses_kv} == {"kv_aware"}
