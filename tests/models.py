@@ -66,17 +66,25 @@ def make_model(
     tie_word_embeddings: bool = False,
     rope_scaling: dict[str, Any] | None = None,
     max_position_embeddings: int = 1024,
+    max_shard_size: str | None = None,
     weight_scale: float = 0.15,
     with_tokenizer: bool = True,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Save a random Llama or Qwen2 model (and optionally a tokenizer) into `folder`.
+    """Save a random Llama, Mistral or Qwen2 model (and optionally a tokenizer) into `folder`.
 
     Weights are drawn with a large `weight_scale` so that greedy choices are
     far from ties and token-level comparisons are meaningful.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     folder.mkdir(parents=True, exist_ok=True)
     if with_tokenizer:
@@ -107,6 +115,11 @@ def make_model(
             kw["rope_scaling"] = rope_scaling
             kw["rope_theta"] = 500000.0
         config, cls = LlamaConfig(**kw), LlamaForCausalLM
+    elif arch == "mistral":
+        kw = dict(common, rope_theta=10000.0, sliding_window=None)
+        if head_dim is not None:
+            kw["head_dim"] = head_dim
+        config, cls = MistralConfig(**kw), MistralForCausalLM
     elif arch == "qwen2":
         config, cls = Qwen2Config(**common, rope_theta=1000000.0), Qwen2ForCausalLM
     else:
@@ -121,7 +134,10 @@ def make_model(
                 p.normal_(0.0, 1.0)  # wide logits: greedy choices are far from ties
             else:
                 p.normal_(0.0, weight_scale)
-    model.to(dtype).save_pretrained(folder)
+    if max_shard_size is not None:
+        model.to(dtype).save_pretrained(folder, max_shard_size=max_shard_size)
+    else:
+        model.to(dtype).save_pretrained(folder)
     return folder
 
 

@@ -22,6 +22,8 @@ CASES = {
             "original_max_position_embeddings": 64,
         },
     ),
+    "mistral": dict(arch="mistral", num_heads=8, num_kv_heads=2, head_dim=16),
+    "llama-sharded-checkpoint": dict(arch="llama", max_shard_size="40KB"),
     "qwen2-bias-tied": dict(arch="qwen2", num_heads=4, num_kv_heads=2, tie_word_embeddings=True),
     "qwen2-bias-untied": dict(arch="qwen2", num_heads=4, num_kv_heads=4),
 }
@@ -97,3 +99,19 @@ def test_chunked_prefill_matches_transformers(model_factory):
             ref_logits = ref(torch.tensor([full])).logits[0]
         ours = torch.stack(recorder.by_request[rid])
         torch.testing.assert_close(ours, ref_logits[len(prompt) - 1 : len(prompt) + 5], atol=1e-4, rtol=1e-4)
+
+
+def test_sharded_checkpoint_has_an_index(model_factory):
+    folder = model_factory(**CASES["llama-sharded-checkpoint"], with_tokenizer=False)
+    assert (folder / "model.safetensors.index.json").is_file()
+    assert len(list(folder.glob("*.safetensors"))) > 2
+
+
+def test_folder_without_tokenizer_serves_token_ids_only(model_factory):
+    folder = model_factory(**CASES["llama-gqa-untied"], with_tokenizer=False)
+    engine = LLMEngine(EngineConfig(model=str(folder), num_kv_blocks=16, block_size=4))
+    assert engine.tokenizer is None
+    with pytest.raises(ValueError, match="no tokenizer"):
+        engine.add_request("text", "hello", SamplingParams())
+    tokens = run_engine(engine, {"ids": [1, 2, 3]}, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    assert len(tokens["ids"]) == 3
