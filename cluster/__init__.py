@@ -10,6 +10,6 @@
     scheduler_actor.py the Ray actor (the only module here that imports ray)
     cli.py             the `shardline` command line
 
-Never imports engine: the ingress hashes prompts with the engine's function
+The scheduler modules never import engine: the ingress hashes prompts with the engine's function
 and passes the hashes in.
 """
