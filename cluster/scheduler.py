@@ -87,8 +87,11 @@ class SchedulerConfig:
 class ReplicaReport:
     """What a replica sends: its load, its KV events, the requests that reached it."""
 
+    # Unique for the replica's life (Serve's replica ids are never reused).
     replica_id: str
     # 0 at replica start, +1 per report; orders `events` (see cluster.kv_index).
+    # NOTE: a replica whose engine restarts (its cache empty) keeps counting
+    # and sends `replace_replica_index(replica_id, [], seq)`.
     seq: int
     load: ReplicaLoad
     # KV events since the previous report, oldest first (wire tuples or engine events).

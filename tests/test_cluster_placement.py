@@ -237,3 +237,32 @@ def test_kv_blind_policies_bind_on_a_free_slot_alone():
     assert [v.can_start for v in views] == [True, False]
     assert [v.can_start for v in build_views(req, loads, {}, StartLimits())] == [False, False]
     assert {name for name, cls in POLICIES.items() if cls.uses_kv} == {"kv_aware"}
+
+
+def test_text_prefix_tree_agrees_with_brute_force():
+    import random
+
+    rng = random.Random(0)
+    t = TextPrefixTree()
+    held: dict[str, list[str]] = {"a": [], "b": [], "c": []}
+    for _ in range(200):
+        text = "".join(rng.choice("xyz") for _ in range(rng.randrange(1, 30)))
+        rid = rng.choice("abc")
+        t.insert(text, rid)
+        held[rid].append(text)
+    for _ in range(200):
+        probe = "".join(rng.choice("xyz") for _ in range(rng.randrange(1, 30)))
+        want = {}
+        for rid, texts in held.items():
+            best = max(len(_lcp(probe, s)) for s in texts) if texts else 0
+            if best:
+                want[rid] = best
+        assert t.match(probe) == want
+    assert t.sizes == {rid: sum(len(n.text) for n in t._nodes_of(rid)) for rid in held}
+
+
+def _lcp(a: str, b: str) -> str:
+    i = 0
+    while i < min(len(a), len(b)) and a[i] == b[i]:
+        i += 1
+    return a[:i]
