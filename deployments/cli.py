@@ -121,8 +121,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _connect(address: str) -> None:
+    import logging
+
     import ray
 
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no "Started router" chatter in the report
     try:
         ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     except ConnectionError as e:

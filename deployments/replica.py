@@ -72,6 +72,8 @@ class ModelReplica:
         self.metrics = metrics or NullMetrics()
         self.replica_id = "local"
         self._num_inflight = 0
+        # Requests whose caller left before they finished (client disconnects, timeouts).
+        self._num_aborted = 0
 
     @staticmethod
     def _build_engine(config: ServeConfig) -> AsyncLLMEngine:
@@ -108,6 +110,7 @@ class ModelReplica:
             "num_free_blocks": load.num_free_blocks,
             "num_blocks": load.num_blocks,
             "kv_usage": kv_usage,
+            "num_aborted": self._num_aborted,
         }
 
     def record_autoscaling_stats(self) -> dict[str, float]:
@@ -189,6 +192,7 @@ class ModelReplica:
         finally:
             if not finished:
                 self.engine.abort(request.request_id)
+                self._num_aborted += 1
             self._num_inflight -= 1
             self._publish_load()
 

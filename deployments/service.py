@@ -67,6 +67,12 @@ def _rejection(event: ReplicaEvent) -> APIError:
     return APIError(500, f"unexpected first event from the replica: {type(event).__name__}")
 
 
+def _failure(error: Exception) -> APIError:
+    """A 500 for an error that is not the request's fault (a replica died, the engine failed)."""
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return APIError(500, f"generation failed: {type(error).__name__}: {first_line}")
+
+
 class _Streams:
     """The replica streams of one request's prompts, admitted together and merged.
 
@@ -218,7 +224,12 @@ class OpenAIService:
             for i, ids in enumerate(prompts)
         ]
         streams = _Streams([self.backend.generate(r) for r in requests])
-        admitted = await streams.admit(deadline)
+        try:
+            admitted = await streams.admit(deadline)
+        except APIError:
+            raise
+        except Exception as e:  # the replica could not be reached or died
+            raise _failure(e) from None
         builder = ResponseBuilder(kind, response_id, int(now), self.config.model_name, params.n, top_logprobs)
         for i, a in enumerate(admitted):
             builder.admitted(i, a.prompt_tokens)
@@ -230,6 +241,10 @@ class OpenAIService:
             )
         try:
             await self._collect(builder, streams, deadline)
+        except APIError:
+            raise
+        except Exception as e:
+            raise _failure(e) from None
         finally:
             await streams.close()
         return JSONResponse(builder.final_body())
@@ -279,7 +294,7 @@ class OpenAIService:
         except APIError as e:
             yield e.sse_event()
         except Exception as e:  # the replica died, the engine failed: tell the client, then end
-            yield APIError(500, f"stream failed: {type(e).__name__}: {e}").sse_event()
+            yield _failure(e).sse_event()
         finally:
             await events.aclose()
             await streams.close()

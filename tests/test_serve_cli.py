@@ -1,0 +1,121 @@
+"""`shardline serve` as a user runs it: a subprocess on a free port, its own Ray cluster.
+
+It must come up and print where it serves, answer a chat request, and on SIGINT stop
+taking requests, let the one in flight finish, and exit 0 leaving no Ray process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from deployments.server import free_port
+from engine.pull import pull_model
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def shardline_command() -> list[str]:
+    script = Path(sys.executable).parent / "shardline"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cluster.cli"]
+
+
+def processes_mentioning(marker: str) -> list[str]:
+    """Command lines of live processes that mention `marker` (Ray puts its temp dir in them)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline and int(pid) != os.getpid():
+            found.append(f"{pid}: {cmdline[:160]}")
+    return found
+
+
+def test_unknown_model_fails_fast_with_one_line():
+    out = subprocess.run(
+        shardline_command() + ["serve", "--model", "no-such-model"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1 and "no-such-model" in out.stderr
+
+
+def test_serve_answers_and_shuts_down_cleanly_on_sigint():
+    pull_model("smollm2-135m", progress=False)  # the default model, as `make serve` pulls it
+    port = free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="sl-ray-", dir="/tmp")  # short: Ray's socket paths live under it
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        shardline_command()
+        + ["serve", "--port", str(port), "--max-model-len", "2048", "--num-kv-blocks", "256", "--grace-period", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    output: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            output.append(line)
+            if line.startswith("  status:"):
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert ready.wait(240), "".join(output[-40:])
+        banner = "".join(output)
+        base = f"http://127.0.0.1:{port}"
+        assert f"serving smollm2-135m at {base}/v1" in banner and f"curl {base}/v1/chat/completions" in banner
+        assert "Prometheus scrapes http://127.0.0.1:" in banner
+
+        c = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+        answer = c.chat.completions.create(
+            model="smollm2-135m", messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=32, temperature=0,
+        )
+        assert "Paris" in answer.choices[0].message.content
+
+        # A long stream is in flight when Ctrl-C arrives: it must finish, whole.
+        body = {"model": "smollm2-135m", "prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        with httpx.Client(timeout=120) as http:
+            with http.stream("POST", f"{base}/v1/completions", json=body) as stream:
+                lines = stream.iter_lines()
+                first = next(line for line in lines if line.startswith("data: "))
+                proc.send_signal(signal.SIGINT)
+                saw_draining = False
+                rest = []
+                for line in lines:
+                    rest.append(line)
+                    if not saw_draining:
+                        try:
+                            saw_draining = httpx.get(f"{base}/health", timeout=5).status_code == 503
+                        except httpx.HTTPError:
+                            pass
+        events = [first[6:]] + [line[6:] for line in rest if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["usage"]["completion_tokens"] == 200
+        assert saw_draining, "new requests were still taken while draining"
+        assert proc.wait(timeout=120) == 0, "".join(output[-40:])
+        assert "shardline: stopped" in "".join(output)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 30
+    while processes_mentioning(ray_tmp) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert processes_mentioning(ray_tmp) == []
+    shutil.rmtree(ray_tmp, ignore_errors=True)

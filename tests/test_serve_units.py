@@ -1,0 +1,352 @@
+"""The serving layer without Ray: admission, deltas, response shapes, status, configs, and
+the FastAPI app in process over a real ModelReplica (tiny random model)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from deployments.admission import ReplicaLoad, admit
+from deployments.config import ServeConfig
+from deployments.events import Admitted, ChoiceDelta, Delta, Failed, GenerateRequest
+from deployments.ingress import Gate, build_openai_app
+from deployments.openai_format import ResponseBuilder
+from deployments.replica import ModelReplica, take_delta
+from deployments.service import OpenAIService
+from deployments.status import render_text, summarize
+from engine import CompletionOutput, Logprob, RequestOutput, SamplingParams
+from engine.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ---- admission -------------------------------------------------------------------
+
+
+def test_admission_counts_a_burst_at_once():
+    # 4 slots in the batch, 2 may wait: the 7th request in flight is refused,
+    # even before the engine has stepped (num_running still 0).
+    for inflight in range(6):
+        assert admit(ReplicaLoad(num_inflight=inflight, max_num_seqs=4), 2, 1) is None
+    rejected = admit(ReplicaLoad(num_inflight=6, max_num_seqs=4), 2, 3)
+    assert rejected.status == 429 and rejected.retry_after_s == 3
+
+
+def test_admission_sees_a_cache_bound_replica():
+    # Batch not full, but the engine reports requests waiting (no KV blocks).
+    load = ReplicaLoad(num_inflight=3, max_num_seqs=8, num_running=1, num_engine_waiting=2)
+    assert load.queue_depth == 2
+    assert admit(load, 2, 1) is not None
+    assert admit(load, 3, 1) is None
+    assert ReplicaLoad(num_inflight=0, max_num_seqs=8).queue_depth == 0
+    assert admit(ReplicaLoad(num_inflight=0, max_num_seqs=1), 0, 1) is None  # no queue, free batch
+
+
+# ---- deltas and response shapes ---------------------------------------------------
+
+
+def _out(texts, tokens, finish=None, finished=False, cached=0):
+    outs = [CompletionOutput(i, t, list(ids), finish_reason=f) for i, (t, ids, f) in enumerate(zip(texts, tokens, finish or [None] * len(texts)))]
+    return RequestOutput("r", None, [1, 2, 3], outs, finished=finished, num_cached_tokens=cached)
+
+
+def test_take_delta_sends_only_what_is_new():
+    sent: dict = {}
+    d1 = take_delta(_out(["He", "A"], [[5], [7]]), sent)
+    assert [(c.index, c.text, c.token_ids) for c in d1.choices] == [(0, "He", [5]), (1, "A", [7])]
+    d2 = take_delta(_out(["Hello", "A"], [[5, 6], [7]], finish=[None, "length"]), sent)
+    assert [(c.index, c.text, c.token_ids, c.finish_reason) for c in d2.choices] == [(0, "llo", [6], None), (1, "", [], "length")]
+    d3 = take_delta(_out(["Hello!", "A"], [[5, 6, 8], [7]], finish=["stop", "length"], finished=True, cached=16), sent)
+    assert [(c.index, c.text) for c in d3.choices] == [(0, "!")] and d3.finished and d3.num_cached_tokens == 16
+
+
+def _lp(chosen, alt, names=("a", "b")):
+    return {chosen: Logprob(-0.1, 1, names[0]), alt: Logprob(-2.0, 2, names[1])}
+
+
+def test_response_builder_batches_and_usage():
+    b = ResponseBuilder("completion", "cmpl-1", 0, "m", n=2, top_logprobs=None)
+    b.admitted(0, 3)
+    b.admitted(1, 4)
+    b.add(0, ChoiceDelta(0, "x", [1, 2], None, "length"), 0)
+    b.add(0, ChoiceDelta(1, "y", [3], None, "stop"), 0)
+    b.add(1, ChoiceDelta(1, "z", [4], None, "stop"), 2)
+    body = b.final_body()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert body["choices"][3]["text"] == "z" and body["choices"][2]["finish_reason"] is None
+    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11, "prompt_tokens_details": {"cached_tokens": 2}}
+
+
+def test_logprobs_shapes():
+    chat = ResponseBuilder("chat", "c", 0, "m", n=1, top_logprobs=1)
+    chat.admitted(0, 1)
+    chat.add(0, ChoiceDelta(0, "a", [5], [_lp(5, 6)], "stop"), 0)
+    content = chat.final_body()["choices"][0]["logprobs"]["content"]
+    assert content == [{"token": "a", "logprob": -0.1, "bytes": [97], "top_logprobs": [{"token": "a", "logprob": -0.1, "bytes": [97]}]}]
+    comp = ResponseBuilder("completion", "c", 0, "m", n=1, top_logprobs=2)
+    comp.admitted(0, 1)
+    comp.add(0, ChoiceDelta(0, "ab", [5, 6], [_lp(5, 6), _lp(6, 5, ("b", "a"))], "stop"), 0)
+    lp = comp.final_body()["choices"][0]["logprobs"]
+    assert lp["tokens"] == ["a", "b"] and lp["token_logprobs"] == [-0.1, -0.1] and lp["text_offset"] == [0, 1]
+    assert lp["top_logprobs"][0] == {"a": -0.1, "b": -2.0}
+
+
+# ---- status ---------------------------------------------------------------------
+
+
+def test_status_summary_counts_replica_states_and_queue():
+    details = {
+        "applications": {
+            "shardline": {
+                "status": "RUNNING",
+                "deployments": {
+                    "ModelReplica": {
+                        "status": "UPSCALING",
+                        "target_num_replicas": 3,
+                        "replicas": [{"state": "RUNNING"}, {"state": "STARTING"}, {"state": "STOPPING"}],
+                    },
+                    "OpenAIIngress": {"status": "HEALTHY", "target_num_replicas": 1, "replicas": [{"state": "RUNNING"}]},
+                },
+            }
+        }
+    }
+    stats = [{"replica_id": "a", "num_waiting": 2, "num_running": 4, "num_free_blocks": 1, "num_blocks": 9}]
+    report = summarize(details, "shardline", stats)
+    assert json.loads(json.dumps(report)) == report
+    ingress, replica = report["deployments"]
+    assert ingress["name"] == "OpenAIIngress" and ingress["running_replicas"] == 1 and ingress["queue_depth"] == 0
+    assert {k: replica[k] for k in ("running_replicas", "starting_replicas", "draining_replicas", "target_replicas", "queue_depth")} == {
+        "running_replicas": 1, "starting_replicas": 1, "draining_replicas": 1, "target_replicas": 3, "queue_depth": 2,
+    }
+    text = render_text(report)
+    assert "DRAINING" in text and "ModelReplica   UPSCALING  1        1         1         3       2" in text
+    with pytest.raises(ValueError, match="no Serve application"):
+        summarize(details, "other", [])
+
+
+# ---- configs ------------------------------------------------------------------------
+
+
+def test_serve_yaml_is_a_valid_serve_config_for_the_same_app():
+    from ray.serve.schema import ServeDeploySchema
+
+    from deployments.app import app_builder
+    from deployments.cli import load_config_file
+
+    raw = yaml.safe_load((REPO / "serve.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    assert schema.applications[0].import_path == "deployments.app:app_builder"
+    fields, http = load_config_file(str(REPO / "serve.yaml"))
+    config = ServeConfig(**fields)
+    assert config.model == "smollm2-135m" and http["port"] == 8000
+    app = app_builder(fields)  # builds the graph without a cluster
+    assert app is not None
+    with pytest.raises(Exception, match="extra"):
+        app_builder({"modle": "typo"})
+
+
+def test_cli_flags_override_the_config_file(tmp_path):
+    from deployments.cli import build_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"model": "a", "max_queue_len": 3, "num_replicas": 2}))
+
+    class Args:
+        config = str(cfg)
+        model = "b"
+        served_model_name = dtype = max_model_len = num_kv_blocks = max_num_seqs = None
+        request_timeout = grace_period = max_queue_len = host = port = address = None
+        num_replicas = 4
+
+    config, options = build_config(Args)
+    assert (config.model, config.max_queue_len, config.num_replicas) == ("b", 3, 4)
+    assert (options.host, options.port) == ("127.0.0.1", 8000)
+    Args.num_replicas = 0
+    with pytest.raises(ValueError, match="num_replicas"):
+        build_config(Args)
+
+
+def test_ray_cluster_yaml_passes_rays_own_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((REPO / "ray-cluster.yaml").read_text())
+    assert raw["provider"]["type"] == "local"
+    config = prepare_config(raw)  # fills defaults; contacts no host
+    validate_config(config)
+    assert config["available_node_types"]["local.cluster.node"]["max_workers"] == len(raw["provider"]["worker_ips"])
+    assert any("RAY_AUTH_MODE=token" in c for c in config["head_start_ray_commands"])
+    assert any("RAY_AUTH_MODE=token" in c and "--num-gpus" in c for c in config["worker_start_ray_commands"])
+    assert "~/.ray/auth_token" in config["file_mounts"]
+    assert any("shardline serve" in c for c in config["head_start_ray_commands"])
+
+
+# ---- the app in process ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_app(model_dir):
+    config = ServeConfig(
+        model=str(model_dir), max_model_len=128, num_kv_blocks=64, block_size=4, max_num_seqs=8,
+        max_queue_len=8, max_body_bytes=4096, max_header_bytes=2048,
+    )
+    replica = ModelReplica(config)
+    gate = Gate()
+    app = build_openai_app(OpenAIService(config, Tokenizer(model_dir), replica), gate, config)
+    yield app, replica, gate, config
+    replica.shutdown()
+
+
+def call(app, method, path, **kw):
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            return await c.request(method, path, **kw)
+
+    return asyncio.run(go())
+
+
+def sse_payloads(text: str) -> list:
+    events = [e[len("data: "):] for e in text.split("\n\n") if e.startswith("data: ")]
+    return [e if e == "[DONE]" else json.loads(e) for e in events]
+
+
+def test_stream_equals_non_stream_and_usage_is_exact(local_app, model_dir):
+    app, _, _, config = local_app
+    body = {"model": config.model_name, "prompt": "The quick brown fox", "max_tokens": 7, "temperature": 0, "ignore_eos": True}
+    plain = call(app, "POST", "/v1/completions", json=body).json()
+    streamed = sse_payloads(call(app, "POST", "/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}).text)
+    assert streamed[-1] == "[DONE]"
+    text = "".join(c["choices"][0]["text"] for c in streamed[:-2])
+    assert text == plain["choices"][0]["text"]
+    n_prompt = len(Tokenizer(model_dir).encode("The quick brown fox"))
+    assert plain["usage"]["prompt_tokens"] == n_prompt and plain["usage"]["completion_tokens"] == 7
+    assert streamed[-2]["usage"]["completion_tokens"] == 7 and streamed[-2]["choices"] == []
+    assert all(c["usage"] is None for c in streamed[:-2])
+
+
+def test_guard_limits_and_drain(local_app):
+    app, _, gate, config = local_app
+    big = json.dumps({"model": config.model_name, "prompt": "x" * 5000})
+    r = call(app, "POST", "/v1/completions", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    async def chunked():
+        yield big[:2000].encode()
+        yield big[2000:].encode()
+
+    r = call(app, "POST", "/v1/completions", content=chunked(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    r = call(app, "GET", "/v1/models", headers={"x-big": "y" * 3000})
+    assert r.status_code == 431 and r.json()["error"]["type"] == "invalid_request_error"
+    gate.draining = True
+    try:
+        assert call(app, "GET", "/health").status_code == 503
+        assert call(app, "POST", "/v1/completions", json={"model": config.model_name, "prompt": "x"}).status_code == 503
+    finally:
+        gate.draining = False
+    assert call(app, "GET", "/health").json() == {"status": "ok"}
+    assert gate.num_inflight == 0
+
+
+class ScriptedBackend:
+    """A replica stand-in that plays a fixed list of events (an exception is raised)."""
+
+    def __init__(self, events, delay_s: float = 0.0):
+        self.events = events
+        self.delay_s = delay_s
+
+    async def generate(self, request: GenerateRequest):
+        for event in self.events:
+            await asyncio.sleep(self.delay_s)
+            if isinstance(event, Exception):
+                raise event
+            yield event
+
+
+def scripted_app(model_dir, events, delay_s=0.0, timeout_s=None):
+    config = ServeConfig(model=str(model_dir), request_timeout_s=timeout_s)
+    return build_openai_app(OpenAIService(config, Tokenizer(model_dir), ScriptedBackend(events, delay_s)), Gate(), config), config
+
+
+@pytest.mark.parametrize("failure", [Failed("engine error: boom"), RuntimeError("replica died")])
+def test_engine_error_mid_stream_sends_error_event_then_done(model_dir, failure):
+    events = [Admitted(3), Delta([ChoiceDelta(0, "Hel", [1])]), failure]
+    app, config = scripted_app(model_dir, events)
+    r = call(app, "POST", "/v1/chat/completions", json={"model": config.model_name, "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    payloads = sse_payloads(r.text)
+    assert r.status_code == 200 and payloads[-1] == "[DONE]"
+    assert payloads[1]["choices"][0]["delta"] == {"content": "Hel"}
+    assert payloads[-2]["error"]["type"] == "server_error"
+    # Not streaming, the same failure is a 500 with an error body.
+    r = call(app, "POST", "/v1/chat/completions", json={"model": config.model_name, "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+
+
+def test_timeout_is_408_before_the_stream_and_an_event_after(model_dir):
+    slow = [Admitted(3), Delta([ChoiceDelta(0, "a", [1])]), Delta([ChoiceDelta(0, "b", [2], None, "stop")], finished=True)]
+    app, config = scripted_app(model_dir, slow, delay_s=0.5, timeout_s=1.25)  # events at 0.5, 1.0, 1.5 s
+    r = call(app, "POST", "/v1/completions", json={"model": config.model_name, "prompt": "x"})
+    assert r.status_code == 408 and r.json()["error"]["code"] == "request_timeout"
+    r = call(app, "POST", "/v1/completions", json={"model": config.model_name, "prompt": "x", "stream": True})
+    payloads = sse_payloads(r.text)
+    assert payloads[0]["choices"][0]["text"] == "a"
+    assert payloads[-2]["error"]["code"] == "request_timeout" and payloads[-1] == "[DONE]"
+    app, config = scripted_app(model_dir, slow, delay_s=0.5, timeout_s=0.2)  # not even admitted in time
+    assert call(app, "POST", "/v1/completions", json={"model": config.model_name, "prompt": "x", "stream": True}).status_code == 408
+
+
+def test_direct_replica_rejections_name_the_field(local_app):
+    _, replica, _, _ = local_app
+
+    def first_event(ids, **params):
+        async def go():
+            gen = replica.generate(GenerateRequest("r", ids, SamplingParams(**params)))
+            try:
+                return await gen.__anext__()
+            finally:
+                await gen.aclose()
+
+        return asyncio.run(go())
+
+    assert first_event([1, 2], max_tokens=500).param == "max_tokens"
+    assert first_event([1, 99999]).param == "prompt"
+    assert first_event([1], stop_token_ids=[99999]).param == "stop_token_ids"
+    assert first_event([1], logit_bias={99999: 1.0}).param == "logit_bias"
+    assert first_event([1], n=17).param == "n"
+    assert isinstance(first_event([1, 2], max_tokens=2), Admitted)
+    assert replica.stats()["num_inflight"] == 0
+
+
+# ---- schemathesis: the app's own OpenAPI schema, in process -------------------------------
+# Driven through hypothesis directly: schemathesis' pytest loader (from_fixture) does not
+# run under pytest 9.
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_schemathesis_no_5xx_and_invalid_bodies_are_rejected(local_app, mode):
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import content_type_conformance, negative_data_rejection, status_code_conformance
+
+    schema = schemathesis.openapi.from_asgi("/openapi.json", local_app[0])
+    checks = [not_a_server_error, negative_data_rejection, status_code_conformance, content_type_conformance]
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"}
+    for operation in operations:
+        has_body = operation.method.upper() == "POST"
+        if mode == "negative" and not has_body:
+            continue  # nothing to make invalid in a GET without parameters
+        examples = 40 if has_body else 3
+
+        @given(case=operation.as_strategy(generation_mode=GenerationMode(mode)))
+        @settings(max_examples=examples, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+        def run(case):
+            case.call_and_validate(checks=checks)
+
+        run()
