@@ -3,9 +3,10 @@
 What it models, and how:
 
 - Arrivals come from a trace (`traces.py`). A request waits in the head-node
-  global queue until some ready replica has a free batch slot and KV blocks for
-  its prompt (late binding, as `cluster`'s scheduler does), then goes to the
-  least-loaded such replica.
+  global queue until some ready replica has an empty queue of its own, a free
+  batch slot and KV blocks for its prompt (late binding, as `cluster`'s
+  scheduler does), then goes to the one with the least prefill work ahead of
+  it (`cluster.placement.KvAwarePolicy`'s cost, without prefix hits).
 - Each replica runs the engine's iteration-level scheduler (continuous
   batching): per step, running requests first (a decode is one token, a
   prefill a chunk of the token budget), then waiting ones FCFS while the batch
@@ -425,18 +426,34 @@ class Simulator:
 
     # -- routing: late binding from the global queue --
     def _dispatch(self) -> None:
+        """Bind queued requests, oldest first, as cluster.scheduler does with `kv_aware` placement.
+
+        A replica can start a request when nothing waits in its own queue, it has a
+        free batch slot and KV blocks for the prompt (StartLimits defaults); among
+        those, the lowest cost wins: prompt tokens + its prefill backlog + 8 x its
+        active requests (KvAwarePolicy without prefix hits), skipping a replica far
+        busier than the least busy one (balance_abs 8, balance_rel 1.5).
+        """
         bs, max_batch = self.cost.block_size, self.cost.max_batch_size
+        watermark = int(0.01 * self.num_blocks)
         while self.queue:
+            ready = [r for r in self.replicas if r.state == _READY]
+            if not ready:
+                return
             req = self.queue[0]
             need = _blocks(req.prompt + 1, bs)
-            best = None
-            for rep in self.replicas:
-                if rep.state != _READY or rep.load >= max_batch:
+            min_active = min(r.load for r in ready)
+            best, best_cost = None, math.inf
+            for rep in ready:
+                active = rep.load
+                if rep.waiting or active >= max_batch or rep.free_blocks - need < watermark:
                     continue
-                if rep.free_blocks - rep.waiting_blocks < need:
+                if active - min_active > 8 and active > 1.5 * min_active:
                     continue
-                if best is None or rep.load < best.load:
-                    best = rep
+                backlog = sum(q.prompt + q.generated - q.computed for q in rep.running if q.prompt + q.generated - q.computed > 1)
+                cost = req.prompt + backlog + 8.0 * active
+                if cost < best_cost:
+                    best, best_cost = rep, cost
             if best is None:
                 return
             self.queue.popleft()

@@ -36,14 +36,14 @@ class TokenMix:
         output_median, output_sigma, output_min, output_max: generated tokens.
     """
 
-    prompt_median: float = 200.0
-    prompt_sigma: float = 0.6
+    prompt_median: float = 128.0
+    prompt_sigma: float = 0.5
     prompt_min: int = 16
-    prompt_max: int = 1024
-    output_median: float = 64.0
-    output_sigma: float = 0.6
+    prompt_max: int = 512
+    output_median: float = 48.0
+    output_sigma: float = 0.5
     output_min: int = 8
-    output_max: int = 256
+    output_max: int = 192
 
     def sample(self, rng: random.Random) -> tuple[int, int]:
         p = int(round(self.prompt_median * math.exp(rng.gauss(0.0, self.prompt_sigma))))

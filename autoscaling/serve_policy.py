@@ -1,0 +1,244 @@
+"""The queue-depth policy behind Ray Serve's custom autoscaling API (Ray 2.60).
+
+Serve's controller calls a deployment's policy every control-loop tick (0.1 s)
+with an `AutoscalingContext`; the policy returns `(num_replicas, policy_state)`.
+This module turns the context into `policy.ClusterLoad`, calls the pure
+`policy.decide`, and keeps its `PolicyState` under one key of Serve's
+`policy_state`:
+
+- Per replica, `num_waiting`, `num_running` and `kv_usage` come from the
+  replica's `record_autoscaling_stats()` (deployments' ModelReplica returns
+  them; `replica_autoscaling_stats` shows the shape). The latest raw sample is
+  used, not the window mean, so that a burst counts within one push interval.
+- The global queue is what the head-node scheduler holds, bound to no replica:
+  an optional `global_queue` metric some replica forwards (the largest report
+  wins, it is one number), plus requests queued in Serve handles
+  (`ctx.total_queued_requests`: where they wait when the scheduler is away),
+  plus, when `scheduler_name` is given, the scheduler actor's own count read
+  without blocking (`SchedulerQueueReader`).
+- A replica that has not reported yet counts as empty; a deployment whose
+  replicas report no custom metrics at all falls back to Serve's
+  `total_num_requests` as the demand.
+
+Serve wraps every custom policy in its own delays and factors
+(`_apply_autoscaling_config`) and clips to min/max afterwards; with
+`serve_autoscaling_config()` those are neutral (delays 0, factors 1), so this
+policy's delays are the only ones. Its cold-start path (0 running replicas and
+a request in a handle) scales to one replica at once, as this policy would.
+
+Use it in a deployment:
+
+    from autoscaling.policy import QueueDepthConfig
+    from autoscaling.serve_policy import serve_autoscaling_config
+    options["autoscaling_config"] = serve_autoscaling_config(QueueDepthConfig(min_replicas=1, max_replicas=4))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Mapping
+
+from autoscaling.policy import ClusterLoad, PolicyState, QueueDepthConfig, ReplicaMetrics, decide
+
+# The key of this policy's state inside Serve's policy_state dict.
+STATE_KEY = "shardline"
+# Custom metric names a replica's record_autoscaling_stats() returns.
+WAITING, RUNNING, KV_USAGE, GLOBAL_QUEUE = "num_waiting", "num_running", "kv_usage", "global_queue"
+POLICY_PATH = "autoscaling.serve_policy:QueueDepthPolicy"
+
+
+def replica_autoscaling_stats(engine_stats: Mapping[str, float], global_queue: float | None = None) -> dict[str, float]:
+    """What a replica's `record_autoscaling_stats()` returns, from the engine's `stats()`.
+
+    `num_pending` (requests handed to the async engine, not yet in its
+    scheduler) counts as waiting. `global_queue` is the head-node scheduler's
+    queue length if the replica learned it (e.g. from its last report's reply).
+    """
+    out = {
+        WAITING: float(engine_stats.get("num_waiting", 0)) + float(engine_stats.get("num_pending", 0)),
+        RUNNING: float(engine_stats.get("num_running", 0)),
+        KV_USAGE: float(engine_stats.get("kv_usage", 0.0)),
+    }
+    if global_queue is not None:
+        out[GLOBAL_QUEUE] = float(global_queue)
+    return out
+
+
+def _latest(ctx: Any, name: str) -> dict[Any, float]:
+    """replica id -> the metric's latest raw sample, else its window aggregate."""
+    raw = (ctx.raw_metrics or {}).get(name) or {}
+    agg = (ctx.aggregated_metrics or {}).get(name) or {}
+    out: dict[Any, float] = {}
+    for rid in set(raw) | set(agg):
+        series = raw.get(rid)
+        if series:
+            out[rid] = float(series[-1].value)
+        elif agg.get(rid) is not None:
+            out[rid] = float(agg[rid])
+    return out
+
+
+def load_from_context(ctx: Any, global_queue: float = 0.0) -> ClusterLoad:
+    """The policy's input from a Serve `AutoscalingContext` (see the module doc)."""
+    waiting, running, kv = _latest(ctx, WAITING), _latest(ctx, RUNNING), _latest(ctx, KV_USAGE)
+    forwarded = _latest(ctx, GLOBAL_QUEUE)
+    handle_queued = float(ctx.total_queued_requests or 0.0)
+    queue = max(0.0, global_queue) + max(forwarded.values(), default=0.0) + handle_queued
+    running_ids = list(ctx.running_replicas or [])
+    if not (waiting or running):
+        # No replica reports custom metrics: Serve's ongoing-request count is all there is.
+        return ClusterLoad((), max(queue, float(ctx.total_num_requests or 0.0)), ctx.current_num_replicas, ctx.target_num_replicas)
+    replicas = tuple(
+        ReplicaMetrics(
+            num_waiting=int(round(waiting.get(rid, 0.0))),
+            num_running=int(round(running.get(rid, 0.0))),
+            kv_usage=min(1.0, max(0.0, kv.get(rid, 0.0))),
+        )
+        for rid in running_ids
+    )
+    return ClusterLoad(replicas, queue, ctx.current_num_replicas, ctx.target_num_replicas)
+
+
+def decide_from_context(config: QueueDepthConfig, ctx: Any, global_queue: float = 0.0) -> tuple[int, dict[str, Any]]:
+    """One Serve tick: (num_replicas, policy_state). Pure given the context."""
+    config = dataclasses.replace(
+        config,
+        min_replicas=ctx.capacity_adjusted_min_replicas,
+        max_replicas=max(1, ctx.capacity_adjusted_max_replicas, ctx.capacity_adjusted_min_replicas),
+    )
+    now = ctx.current_time if ctx.current_time is not None else time.time()
+    state = PolicyState.from_dict((ctx.policy_state or {}).get(STATE_KEY))
+    decision = decide(config, load_from_context(ctx, global_queue), state, now)
+    new_state = dict(ctx.policy_state or {})
+    new_state[STATE_KEY] = decision.state.to_dict()
+    return decision.num_replicas, new_state
+
+
+class SchedulerQueueReader:
+    """The head-node scheduler's queue length, read without ever blocking the controller.
+
+    At most one request is in flight; each call returns the last value that
+    arrived and, once the previous request is answered and `interval_s` has
+    passed, sends the next. The three callables keep Ray out of the logic
+    (tests pass stubs): `submit()` starts a request, `ready(ref)` says if it is
+    answered, `fetch(ref)` reads the answer (raising if it failed).
+    """
+
+    def __init__(self, submit: Callable[[], Any], ready: Callable[[Any], bool], fetch: Callable[[Any], float], interval_s: float = 1.0):
+        self._submit, self._ready, self._fetch = submit, ready, fetch
+        self.interval_s = interval_s
+        self.value = 0.0
+        self._ref: Any = None
+        self._sent_at = -math.inf
+
+    def read(self, now: float) -> float:
+        if self._ref is not None and self._ready(self._ref):
+            try:
+                self.value = float(self._fetch(self._ref))
+            except Exception:  # noqa: BLE001 - an unreachable scheduler means "no queue known"
+                self.value = 0.0
+            self._ref = None
+        if self._ref is None and now - self._sent_at >= self.interval_s:
+            try:
+                self._ref = self._submit()
+                self._sent_at = now
+            except Exception:  # noqa: BLE001 - not there (yet): try again next interval
+                self._ref, self._sent_at = None, now
+        return self.value
+
+    @classmethod
+    def for_actor(cls, name: str, namespace: str, interval_s: float = 1.0) -> "SchedulerQueueReader":
+        """Poll the named scheduler actor's stats() for its queued interactive requests."""
+        import ray
+
+        def submit():
+            return ray.get_actor(name, namespace=namespace).stats.remote()
+
+        def ready(ref) -> bool:
+            done, _ = ray.wait([ref], timeout=0)
+            return bool(done)
+
+        def fetch(ref) -> float:
+            return float(ray.get(ref, timeout=0).num_queued_interactive)
+
+        return cls(submit, ready, fetch, interval_s)
+
+
+class QueueDepthPolicy:
+    """Serve's class-callable custom policy: `AutoscalingPolicy(policy_function=POLICY_PATH, policy_kwargs=...)`.
+
+    Serve builds it once per deployment with `policy_kwargs` (JSON) and calls it
+    with an `AutoscalingContext` every tick.
+
+    Args:
+        scheduler_name, scheduler_namespace: the head-node scheduler actor whose
+            global queue to add (None: rely on replica-forwarded and handle queues).
+        scheduler_poll_s: how often to ask it.
+        **config: `QueueDepthConfig` fields (min/max come from Serve's bounds).
+    """
+
+    def __init__(
+        self,
+        scheduler_name: str | None = None,
+        scheduler_namespace: str = "shardline",
+        scheduler_poll_s: float = 1.0,
+        **config: Any,
+    ):
+        self.config = QueueDepthConfig.from_dict(config)
+        self._reader = (
+            SchedulerQueueReader.for_actor(scheduler_name, scheduler_namespace, scheduler_poll_s) if scheduler_name else None
+        )
+
+    def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
+        now = ctx.current_time if ctx.current_time is not None else time.time()
+        queue = self._reader.read(now) if self._reader is not None else 0.0
+        return decide_from_context(self.config, ctx, queue)
+
+
+_DEFAULT_POLICY = QueueDepthConfig()
+
+
+def queue_depth_autoscaling_policy(ctx: Any) -> tuple[int, dict[str, Any]]:
+    """The policy as a plain function with the default knobs (Serve's function form)."""
+    return decide_from_context(_DEFAULT_POLICY, ctx)
+
+
+def serve_autoscaling_config(
+    config: QueueDepthConfig,
+    *,
+    initial_replicas: int | None = None,
+    push_interval_s: float = 1.0,
+    look_back_period_s: float = 2.5,
+    scheduler_name: str | None = None,
+    scheduler_namespace: str = "shardline",
+) -> dict[str, Any]:
+    """A Serve `autoscaling_config` dict that hands every decision to this policy.
+
+    Serve's own delays are 0 and its factors 1, so they pass this policy's
+    decision through unchanged. Replicas push metrics every `push_interval_s`
+    (`metrics_interval_s`) and sample them every `0.2 * look_back_period_s`
+    (Serve's record-interval factor); the simulator models the same delays.
+    """
+    if not push_interval_s > 0 or not look_back_period_s > push_interval_s:
+        raise ValueError(f"need 0 < push_interval_s < look_back_period_s, got {push_interval_s}, {look_back_period_s}")
+    kwargs: dict[str, Any] = config.to_dict()
+    if scheduler_name:
+        kwargs.update(scheduler_name=scheduler_name, scheduler_namespace=scheduler_namespace, scheduler_poll_s=push_interval_s)
+    out: dict[str, Any] = {
+        "min_replicas": config.min_replicas,
+        "max_replicas": config.max_replicas,
+        "target_ongoing_requests": config.target_queue_depth,
+        "upscale_delay_s": 0.0,
+        "downscale_delay_s": 0.0,
+        "downscale_to_zero_delay_s": 0.0,
+        "upscaling_factor": 1.0,
+        "downscaling_factor": 1.0,
+        "metrics_interval_s": push_interval_s,
+        "look_back_period_s": look_back_period_s,
+        "policy": {"policy_function": POLICY_PATH, "policy_kwargs": kwargs},
+    }
+    if initial_replicas is not None:
+        out["initial_replicas"] = initial_replicas
+    return out
