@@ -185,6 +185,10 @@ class BlockPool:
         self._cached.clear()
         return True
 
+    def cached_hashes(self) -> list[BlockHash]:
+        """Every hash that can be hit now: a full snapshot for an index that lost events."""
+        return list(self._cached)
+
     def take_events(self) -> list[KVEvent]:
         """Events since the last call, oldest first."""
         events, self._events = self._events, []

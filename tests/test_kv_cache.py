@@ -139,3 +139,13 @@ def test_prefix_caching_disabled_emits_nothing():
     kv.free("a")
     assert kv.get_computed_blocks(hashes, 3) == []
     assert kv.take_events() == []
+
+
+def test_cached_hashes_snapshot_tracks_store_and_evict():
+    pool = BlockPool(2)
+    h = [hash_block_tokens(ROOT_HASH, [i]) for i in range(3)]
+    pool.cache_blocks(pool.get_new_blocks(2), h[:2], ROOT_HASH)
+    assert set(pool.cached_hashes()) == {h[0], h[1]}
+    pool.free_blocks([1, 0])
+    pool.get_new_blocks(1)  # evicts block 1 (freed first)
+    assert pool.cached_hashes() == [h[0]]
