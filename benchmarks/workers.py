@@ -38,6 +38,15 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def save(result: dict[str, Any], path: str | None) -> None:
+    """Write (atomically) what is measured so far: a killed worker still leaves its finished cells."""
+    if not path:
+        return
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(path)
+
+
 # ---- workloads (pure Python: identical under both interpreters) ----------------
 
 
@@ -224,6 +233,7 @@ def run_throughput(spec: dict[str, Any]) -> dict[str, Any]:
             "complete": all(r["tokens"] == b * ntok for r in runs),
             "cell_s": time.perf_counter() - t_cell,
         }
+        save(result, spec.get("out_file"))
     if spec.get("decode_probe"):
         result["decode_b1"] = decode_probe(runner, label, plen, ntok, vocab, spec.get("decode_repeats", 3))
     if hasattr(runner, "close"):
@@ -272,11 +282,17 @@ async def _drive(
     workload: list[dict[str, Any]],
     static_batch: int | None,
     label: str,
+    deadline_s: float | None = None,
 ) -> dict[str, Any]:
-    """Send the workload on its arrival schedule; measure every request from its scheduled arrival."""
+    """Send the workload on its arrival schedule; measure every request from its scheduled arrival.
+
+    Past `deadline_s` the requests still in flight are cancelled (aborted in the
+    engine); the figures then cover what finished, and `timed_out` says so.
+    """
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     records: list[dict[str, Any] | None] = [None] * len(workload)
+    progress = [0] * len(workload)  # tokens received so far, finished or not
     done = 0
 
     async def one(i: int) -> None:
@@ -299,6 +315,7 @@ async def _drive(
                     gaps.append(now - last)
                 last = now
                 n = k
+                progress[i] = k
         records[i] = {
             "ttft": None if first is None else first - arrival,
             "e2e": None if last is None else last - arrival,
@@ -313,9 +330,10 @@ async def _drive(
             el = loop.time() - t0
             log(f"  {label}: {done}/{len(workload)} requests done, {el:.0f} s elapsed")
 
-    if static_batch is None:
-        await asyncio.gather(*(one(i) for i in range(len(workload))))
-    else:
+    async def all_requests() -> None:
+        if static_batch is None:
+            await asyncio.gather(*(one(i) for i in range(len(workload))))
+            return
         # Static batching: admit what has arrived (up to the batch size) only once the batch before is done.
         i = 0
         while i < len(workload):
@@ -329,12 +347,21 @@ async def _drive(
             await asyncio.gather(*(one(k) for k in range(i, j)))
             i = j
 
+    timed_out = False
+    try:
+        await asyncio.wait_for(all_requests(), timeout=deadline_s)
+    except asyncio.TimeoutError:
+        timed_out = True
+        log(f"  {label}: deadline of {deadline_s:.0f} s reached with {done}/{len(workload)} requests done; the rest are cancelled")
+        await asyncio.sleep(0.5)  # let the aborts reach the engine
+
     recs = [r for r in records if r is not None]
-    end = max(r["finish"] for r in recs if r["finish"] is not None)
+    end = loop.time() if timed_out else max(r["finish"] for r in recs if r["finish"] is not None)
     duration = end - t0
-    out_tokens = sum(r["output_tokens"] for r in recs)
+    out_tokens = sum(progress)
     in_tokens = sum(r["prompt_tokens"] for r in recs)
     return {
+        "timed_out": timed_out,
         "completed": len(recs),
         "duration_s": duration,
         "request_throughput": len(recs) / duration,
@@ -373,7 +400,7 @@ async def _serve_shardline(spec: dict[str, Any], workload: list[dict[str, Any]])
     try:
         await _warmup(generate, spec)
         static = spec["max_num_seqs"] if spec["mode"] == "static" else None
-        res = await _drive(generate, workload, static, spec["label"])
+        res = await _drive(generate, workload, static, spec["label"], spec.get("deadline_s"))
     finally:
         eng.shutdown()
     res.update(load_s=load_s, version=_git_rev())
@@ -405,7 +432,7 @@ async def _serve_vllm(spec: dict[str, Any], workload: list[dict[str, Any]]) -> d
 
     try:
         await _warmup(generate, spec)
-        res = await _drive(generate, workload, None, spec["label"])
+        res = await _drive(generate, workload, None, spec["label"], spec.get("deadline_s"))
     finally:
         eng.shutdown()
     res.update(load_s=load_s, version=vllm.__version__)
@@ -441,8 +468,10 @@ KINDS = {"bandwidth": run_bandwidth, "throughput": run_throughput, "serving": ru
 def main(argv: list[str]) -> int:
     spec_path, out_path = argv
     spec = json.loads(Path(spec_path).read_text())
+    spec["out_file"] = out_path
     result = KINDS[spec["kind"]](spec)
-    Path(out_path).write_text(json.dumps(result))
+    result["finished"] = True
+    save(result, out_path)
     # vllm's engine-core process and our daemon threads: leave without waiting on them.
     sys.stdout.flush()
     sys.stderr.flush()

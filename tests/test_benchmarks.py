@@ -13,9 +13,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.timeout(240)
-def test_engine_throughput_quick_tiny():
+def test_engine_throughput_quick_tiny(tmp_path):
+    out = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "engine_throughput.py"), "--quick", "--tiny", "--skip-vllm", "--skip-transformers"],
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "engine_throughput.py"),
+            "--quick",
+            "--tiny",
+            "--skip-vllm",
+            "--skip-transformers",
+            "--out",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         timeout=230,
@@ -23,6 +33,8 @@ def test_engine_throughput_quick_tiny():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["complete"] is True
+    assert json.loads(out.read_text())["throughput"] == report["throughput"]
     for key in ("config", "peers", "machine", "throughput", "roofline", "serving", "errors"):
         assert key in report, key
     assert report["errors"] == [], report["errors"]
@@ -39,7 +51,7 @@ def test_engine_throughput_quick_tiny():
     serving = report["serving"]
     for mode in ("shardline_continuous", "shardline_static"):
         s = serving[mode]
-        assert s["completed"] == 20
+        assert s["completed"] == 20 and not s["timed_out"]
         assert s["output_tokens"] == s["output_tokens_expected"]
         assert s["output_throughput"] > 0
         assert s["ttft_ms"]["p50"] > 0 and s["tpot_ms"]["p90"] > 0
