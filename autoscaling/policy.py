@@ -270,7 +270,8 @@ def decide(config: QueueDepthConfig, load: ClusterLoad, state: PolicyState, now:
     if desired > cur:
         high_since = _since(state.high_since, now)
         st = replace(base, high_since=high_since)
-        if now - high_since >= config.upscale_delay_s:
+        # The KV signal has its own sustain time (kv_upscale_delay_s); the queue's applies to the queue.
+        if now - high_since >= config.upscale_delay_s or up_reason == "kv":
             return out(desired, up_reason, replace(st, high_since=None, last_up_at=now))
         return out(cur, "hold", st)
 
