@@ -6,7 +6,7 @@ What it models, and how:
   global queue until some ready replica has an empty queue of its own, a free
   batch slot and KV blocks for its prompt (late binding, as `cluster`'s
   scheduler does), then goes to the one with the least prefill work ahead of
-  it (`cluster.placement.KvAwarePolicy`'s cost, without prefix hits).
+  it (`cluster.placement.KVAwarePolicy`'s cost, without prefix hits).
 - Each replica runs the engine's iteration-level scheduler (continuous
   batching): per step, running requests first (a decode is one token, a
   prefill a chunk of the token budget), then waiting ones FCFS while the batch
@@ -431,7 +431,7 @@ class Simulator:
         A replica can start a request when nothing waits in its own queue, it has a
         free batch slot and KV blocks for the prompt (StartLimits defaults); among
         those, the lowest cost wins: prompt tokens + its prefill backlog + 8 x its
-        active requests (KvAwarePolicy without prefix hits), skipping a replica far
+        active requests (KVAwarePolicy without prefix hits), skipping a replica far
         busier than the least busy one (balance_abs 8, balance_rel 1.5).
         """
         bs, max_batch = self.cost.block_size, self.cost.max_batch_size

@@ -437,6 +437,10 @@ class LLMEngine:
 
     # ---- observability -----------------------------------------------------
 
+    def cached_block_hashes(self) -> list[bytes]:
+        """Every block hash the prefix cache can hit now (a snapshot for the cluster's index)."""
+        return self.scheduler.kv.pool.cached_hashes()
+
     def take_kv_events(self) -> list[KVEvent]:
         """Block hashes stored and evicted since the last call (for the cluster's index)."""
         return self.scheduler.take_events()
