@@ -52,8 +52,9 @@ def server(tmp_path_factory):
 
     pull_model("smollm2-135m", progress=False)
     tiny = make_model(tmp_path_factory.mktemp("serve-tiny"))
-    os.environ.update(SERVE_METRIC_ENV)
-    os.environ["RAY_metrics_report_interval_ms"] = "1000"
+    env = dict(SERVE_METRIC_ENV, RAY_metrics_report_interval_ms="1000")  # inherited by the raylet's workers
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     port, metrics_port = _free_port(), _free_port()
     ray.init(
         _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=8, log_to_driver=False,
@@ -72,6 +73,11 @@ def server(tmp_path_factory):
     finally:
         serve.shutdown()
         ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def replica_stats(app: str) -> list[dict]:
