@@ -70,6 +70,13 @@ def scale_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Ten
     return torch.where(is_medium, smoothed, scaled)
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose matmul goes through the kernels' dispatch point."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.weight, self.bias)
+
+
 class Transformer(nn.Module):
     """Embedding, decoder blocks, final norm and LM head."""
 
@@ -79,7 +86,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.output = Linear(config.hidden_size, config.vocab_size, bias=False)
         max_positions = max_positions or config.max_position_embeddings
         rope = build_rope_cache(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
         self.register_buffer("rope_cache", rope, persistent=False)
@@ -135,8 +142,8 @@ class Attention(nn.Module):
         self.n_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
-        self.wqkv = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.qkv_bias)
-        self.wo = nn.Linear(config.q_size, config.hidden_size, bias=False)
+        self.wqkv = Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.qkv_bias)
+        self.wo = Linear(config.q_size, config.hidden_size, bias=False)
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
@@ -182,8 +189,8 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.w13 = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.w13 = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.w2 = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(kernels.silu_and_mul(self.w13(x)))

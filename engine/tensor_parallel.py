@@ -27,7 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.config import ModelConfig
-from engine.model import Transformer
+import kernels
+from engine.model import Linear, Transformer
 from engine.weights import Piece, WeightPlan
 
 
@@ -99,7 +100,7 @@ def shard_heads(num_heads: int, num_kv_heads: int, rank: int, world_size: int) -
     return HeadShard(tuple(range(q_lo, q_hi)), kv_heads)
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(Linear):
     """A linear layer whose input features are split across ranks; outputs are summed."""
 
     def __init__(self, in_features: int, out_features: int, ctx: ParallelContext):
@@ -107,7 +108,7 @@ class RowParallelLinear(nn.Linear):
         self.ctx = ctx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ctx.all_reduce(F.linear(x, self.weight))
+        return self.ctx.all_reduce(kernels.linear(x, self.weight))
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -124,7 +125,7 @@ class VocabParallelEmbedding(nn.Embedding):
         return self.ctx.all_reduce(out)
 
 
-class VocabParallelLMHead(nn.Linear):
+class VocabParallelLMHead(Linear):
     """Logits for this rank's vocab range, all-gathered into the full vocabulary."""
 
     def __init__(self, dim: int, vocab_sizes: list[int], ctx: ParallelContext):
@@ -132,7 +133,7 @@ class VocabParallelLMHead(nn.Linear):
         self.vocab_sizes, self.ctx = vocab_sizes, ctx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ctx.all_gather_last_dim(F.linear(x, self.weight), self.vocab_sizes)
+        return self.ctx.all_gather_last_dim(kernels.linear(x, self.weight), self.vocab_sizes)
 
 
 def _rows(name: str, heads: tuple[int, ...], head_dim: int) -> list[Piece]:
@@ -172,9 +173,9 @@ def apply_tensor_parallel(model: Transformer, ctx: ParallelContext, has_lm_head:
     for i, layer in enumerate(model.layers):
         attn, ffn = layer.attention, layer.feed_forward
         attn.n_heads, attn.n_kv_heads = nq, nkv
-        attn.wqkv = nn.Linear(config.hidden_size, (nq + 2 * nkv) * hd, bias=config.qkv_bias)
+        attn.wqkv = Linear(config.hidden_size, (nq + 2 * nkv) * hd, bias=config.qkv_bias)
         attn.wo = RowParallelLinear(nq * hd, config.hidden_size, ctx)
-        ffn.w13 = nn.Linear(config.hidden_size, 2 * (inter_hi - inter_lo), bias=False)
+        ffn.w13 = Linear(config.hidden_size, 2 * (inter_hi - inter_lo), bias=False)
         ffn.w2 = RowParallelLinear(inter_hi - inter_lo, config.hidden_size, ctx)
 
         hf, ours = f"model.layers.{i}", f"layers.{i}"

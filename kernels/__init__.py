@@ -56,6 +56,7 @@ register(
     triton_impl=_lazy_triton("triton_rotary", "apply_rotary_emb"),
     native_impl=cpu_native.apply_rotary_emb,
 )
+register("linear", torch_impl=reference.linear, native_impl=cpu_native.linear)
 register("silu_and_mul", torch_impl=reference.silu_and_mul, native_impl=cpu_native.silu_and_mul)
 register("write_kv_cache", torch_impl=reference.write_kv_cache, native_impl=cpu_native.write_kv_cache)
 register(
@@ -111,6 +112,11 @@ def apply_rotary_emb(
     return resolve("apply_rotary_emb", impl, q.device)(q, k, positions, cos_sin_cache)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
+    """x @ weight.T + bias (the native CPU version streams bf16 weights at small batch)."""
+    return resolve("linear", impl, x.device)(x, weight, bias)
+
+
 def silu_and_mul(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """silu(gate) * up for a fused [..., 2 * d] gate/up projection."""
     return resolve("silu_and_mul", impl, x.device)(x)
@@ -141,6 +147,7 @@ __all__ = [
     "rms_norm",
     "fused_add_rms_norm",
     "apply_rotary_emb",
+    "linear",
     "silu_and_mul",
     "write_kv_cache",
     "dequant_matmul",

@@ -27,6 +27,7 @@ import threading
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
@@ -71,6 +72,8 @@ def _build() -> ctypes.CDLL:
             fn.restype = restype
     lib.write_kv_cache.argtypes = [p] * 5 + [i, l, l, l]
     lib.write_kv_cache.restype = None
+    lib.linear_bf16_small_m.argtypes = [p] * 4 + [i] * 4
+    lib.linear_bf16_small_m.restype = ctypes.c_int
     return lib
 
 
@@ -267,3 +270,53 @@ def write_kv_cache(
         key.stride(0) * size,
         value.stride(0) * size,
     )
+
+
+# Up to this many rows, a bf16 matmul streams the weight through AVX512-BF16 dot
+# products instead of torch's GEMM. Measured on the 2-vCPU AMD EPYC (Zen, AVX512-BF16)
+# with 1 thread: at M=1 the native kernel is 1.7-2.7x faster than torch's bf16
+# matmul on the 88M model's projections (1280x768, 4096x768, 768x2048), at M=4
+# 1.2-2.9x; at M=8 torch catches up and beyond it wins.
+SMALL_M_BF16 = 4
+_gemv_ok: bool | None = None
+
+
+def _has_bf16_gemv(lib: ctypes.CDLL) -> bool:
+    """Whether the library was built with AVX512-BF16 (else it returns 1 and does nothing)."""
+    global _gemv_ok
+    if _gemv_ok is None:
+        x = torch.zeros(1, 32, dtype=torch.bfloat16)
+        w = torch.zeros(1, 32, dtype=torch.bfloat16)
+        y = torch.empty(1, 1, dtype=torch.bfloat16)
+        _gemv_ok = lib.linear_bf16_small_m(x.data_ptr(), w.data_ptr(), None, y.data_ptr(), 1, 1, 32, 1) == 0
+    return _gemv_ok
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as F.linear: the native weight-streaming kernel for few bf16 rows, torch otherwise."""
+    rows = x.numel() // x.shape[-1] if x.dim() else 0
+    lib = load()
+    if (
+        lib is None
+        or x.dtype != torch.bfloat16
+        or weight.dtype != torch.bfloat16
+        or not 0 < rows <= SMALL_M_BF16
+        or not weight.is_contiguous()
+        or not _has_bf16_gemv(lib)
+    ):
+        return F.linear(x, weight, bias)
+    out_features, in_features = weight.shape
+    x2 = x.reshape(rows, in_features).contiguous()
+    y = torch.empty(rows, out_features, dtype=torch.bfloat16)
+    b = bias.contiguous() if bias is not None else None
+    lib.linear_bf16_small_m(
+        x2.data_ptr(),
+        weight.data_ptr(),
+        b.data_ptr() if b is not None else None,
+        y.data_ptr(),
+        rows,
+        out_features,
+        in_features,
+        torch.get_num_threads(),
+    )
+    return y.view(*x.shape[:-1], out_features)

@@ -139,6 +139,11 @@ def apply_rotary_emb(
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias."""
+    return F.linear(x, weight, bias)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU's activation over a fused gate/up projection: x [..., 2 * d] -> [..., d]."""
     gate, up = x.chunk(2, dim=-1)

@@ -115,3 +115,26 @@ def test_write_kv_cache_from_strided_views(dtype):
     reference.write_kv_cache(k, v, caches[2], caches[3], slots)
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
     assert caches[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("out_features, in_features", [(37, 50), (128, 64), (1280, 768)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_linear_matches_fp32_within_bf16_rounding(rows, out_features, in_features, with_bias):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(rows, in_features, generator=g).bfloat16()
+    w = torch.randn(out_features, in_features, generator=g).bfloat16()
+    b = torch.randn(out_features, generator=g).bfloat16() if with_bias else None
+    exact = torch.nn.functional.linear(x.float(), w.float(), b.float() if b is not None else None)
+    got = cpu_native.linear(x, w, b)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
+    # fp32 accumulation, one final rounding: within one bf16 ulp of the exact result
+    assert ((got.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-3).all()
+
+
+def test_linear_keeps_torch_for_fp32_and_batched_rows():
+    x = torch.randn(2, 3, 16)
+    w = torch.randn(8, 16)
+    torch.testing.assert_close(cpu_native.linear(x, w), torch.nn.functional.linear(x, w))
+    xb, wb = x.bfloat16(), w.bfloat16()
+    torch.testing.assert_close(cpu_native.linear(xb, wb).float(), torch.nn.functional.linear(xb, wb).float(), atol=0.1, rtol=0.02)

@@ -209,3 +209,69 @@ void write_kv_cache(const char* key, const char* value, char* k_cache, char* v_c
         memcpy(v_cache + slot * row_bytes, value + t * value_stride_bytes, row_bytes);
     }
 }
+
+// ---------------------------------------------------------------------------
+// y = x @ w.T (+ bias) for bf16 with few rows in x (decode at small batch),
+// where the matmul is a stream over the weight: every weight byte is read once
+// per 4 rows of x and fed to AVX512-BF16 dot products (fp32 accumulation).
+//   x: [M, K]; w: [N, K]; bias: [N] or NULL; y: [M, N]. All bf16, contiguous.
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+
+// One tile: rows m0..m0+mb (mb <= 4) of x against weight rows n0..n0+4.
+static inline void gemv_tile_bf16(const uint16_t* x, const uint16_t* w, float out[4][4], int mb, int n0, int nb,
+                                  int K) {
+    __m512 acc[4][4];
+    for (int m = 0; m < 4; m++)
+        for (int r = 0; r < 4; r++) acc[m][r] = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m512i wv[4];
+        for (int r = 0; r < nb; r++) wv[r] = _mm512_loadu_si512((const void*)(w + (long)(n0 + r) * K + k));
+        for (int m = 0; m < mb; m++) {
+            __m512i xv = _mm512_loadu_si512((const void*)(x + (long)m * K + k));
+            for (int r = 0; r < nb; r++)
+                acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)xv, (__m512bh)wv[r]);
+        }
+    }
+    if (k < K) {
+        const __mmask32 mask = (__mmask32)((1ull << (K - k)) - 1);
+        __m512i wv[4];
+        for (int r = 0; r < nb; r++) wv[r] = _mm512_maskz_loadu_epi16(mask, w + (long)(n0 + r) * K + k);
+        for (int m = 0; m < mb; m++) {
+            __m512i xv = _mm512_maskz_loadu_epi16(mask, x + (long)m * K + k);
+            for (int r = 0; r < nb; r++)
+                acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)xv, (__m512bh)wv[r]);
+        }
+    }
+    for (int m = 0; m < mb; m++)
+        for (int r = 0; r < nb; r++) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
+int linear_bf16_small_m(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int M, int N, int K,
+                        int num_threads) {
+    _Pragma("omp parallel for num_threads(num_threads) schedule(static)")
+    for (int n0 = 0; n0 < N; n0 += 4) {
+        const int nb = N - n0 < 4 ? N - n0 : 4;
+        for (int m0 = 0; m0 < M; m0 += 4) {
+            const int mb = M - m0 < 4 ? M - m0 : 4;
+            float out[4][4];
+            gemv_tile_bf16(x + (long)m0 * K, w, out, mb, n0, nb, K);
+            for (int m = 0; m < mb; m++)
+                for (int r = 0; r < nb; r++) {
+                    float v = out[m][r];
+                    if (bias) v += bf16_to_f32(bias[n0 + r]);
+                    y[(long)(m0 + m) * N + n0 + r] = f32_to_bf16(v);
+                }
+        }
+    }
+    return 0;
+}
+#else
+int linear_bf16_small_m(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int M, int N, int K,
+                        int num_threads) {
+    (void)x; (void)w; (void)bias; (void)y; (void)M; (void)N; (void)K; (void)num_threads;
+    return 1;  // no AVX512-BF16 on this machine: the caller keeps torch's matmul
+}
+#endif
