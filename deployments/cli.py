@@ -112,11 +112,13 @@ def build_config(args: argparse.Namespace):
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from deployments.server import serve_forever
+    from deployments.server import check_port_free, serve_forever
     from engine.pull import resolve_model
 
     config, options = build_config(args)
     resolve_model(config.model)  # an unknown or unpulled model fails here, before Ray starts
+    if options.address is None:
+        check_port_free(options.host, options.port)
     return serve_forever(config, options, print_fn=lambda line: print(line, flush=True))
 
 

@@ -52,6 +52,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def check_port_free(host: str, port: int) -> None:
+    """ValueError when host:port is taken: fail before Ray starts, not after a minute of retries."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ValueError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
+
+
 def start_ray(config: ServeConfig, options: ServerOptions) -> tuple[bool, Optional[int]]:
     """Connect to, or start, a Ray cluster. Returns (started here, metrics port)."""
     import ray
