@@ -90,6 +90,9 @@ class Transformer(nn.Module):
         max_positions = max_positions or config.max_position_embeddings
         rope = build_rope_cache(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
         self.register_buffer("rope_cache", rope, persistent=False)
+        # Whole-layer decode kernels apply (tensor parallelism turns this off: its
+        # layers all-reduce between the matmuls).
+        self.fused_decode = True
 
     def setup_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
         """Allocate each layer's paged K and V tensors: [num_blocks, block_size, kv_heads, head_dim]."""
@@ -103,8 +106,27 @@ class Transformer(nn.Module):
         """input_ids, positions: [num_tokens]. Returns final hidden states [num_tokens, hidden]."""
         h = self.tok_embeddings(input_ids)
         residual = None
-        for layer in self.layers:
-            h, residual = layer(h, residual, positions, self.rope_cache, meta)
+        num_tokens = input_ids.shape[0]
+        if (
+            self.fused_decode
+            and meta.num_decode_tokens == num_tokens
+            and num_tokens <= kernels.fused_decode_max_seqs(input_ids.device)
+        ):
+            # A small decode step: one kernel call per layer instead of about ten.
+            for layer in self.layers:
+                h, residual = kernels.decode_layer(
+                    h,
+                    residual,
+                    positions,
+                    meta.slot_mapping,
+                    meta.decode_block_tables,
+                    meta.decode_context_lens,
+                    self.rope_cache,
+                    layer.decode_weights(),
+                )
+        else:
+            for layer in self.layers:
+                h, residual = layer(h, residual, positions, self.rope_cache, meta)
         h, _ = self.norm(h, residual)
         return h
 
@@ -120,6 +142,30 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(config)
         self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self._decode_weights: kernels.DecodeLayerWeights | None = None
+
+    def decode_weights(self) -> kernels.DecodeLayerWeights:
+        """This layer's tensors for kernels.decode_layer (built once its KV cache exists)."""
+        attn, ffn = self.attention, self.feed_forward
+        if self._decode_weights is None or self._decode_weights.k_cache is not attn.k_cache:
+            assert attn.k_cache is not None and attn.v_cache is not None, "setup_kv_cache() first"
+            self._decode_weights = kernels.DecodeLayerWeights(
+                attn_norm=self.attention_norm.weight,
+                wqkv=attn.wqkv.weight,
+                bqkv=attn.wqkv.bias,
+                wo=attn.wo.weight,
+                ffn_norm=self.ffn_norm.weight,
+                w13=ffn.w13.weight,
+                w2=ffn.w2.weight,
+                k_cache=attn.k_cache,
+                v_cache=attn.v_cache,
+                num_heads=attn.n_heads,
+                num_kv_heads=attn.n_kv_heads,
+                head_dim=attn.head_dim,
+                eps=self.attention_norm.eps,
+                scale=attn.scale,
+            )
+        return self._decode_weights
 
     def forward(
         self,

@@ -57,6 +57,7 @@ register(
     native_impl=cpu_native.apply_rotary_emb,
 )
 register("linear", torch_impl=reference.linear, native_impl=cpu_native.linear)
+register("decode_layer", torch_impl=reference.decode_layer, native_impl=cpu_native.decode_layer)
 register("silu_and_mul", torch_impl=reference.silu_and_mul, native_impl=cpu_native.silu_and_mul)
 register("write_kv_cache", torch_impl=reference.write_kv_cache, native_impl=cpu_native.write_kv_cache)
 register(
@@ -117,6 +118,32 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return resolve("linear", impl, x.device)(x, weight, bias)
 
 
+DecodeLayerWeights = reference.DecodeLayerWeights
+
+
+def fused_decode_max_seqs(device: torch.device) -> int:
+    """The most sequences a decode step may have for `decode_layer` to run as one native call (0: none)."""
+    if resolve("decode_layer", "auto", device) is cpu_native.decode_layer:
+        return cpu_native.SMALL_M
+    return 0
+
+
+def decode_layer(
+    hidden: torch.Tensor,
+    residual: torch.Tensor | None,
+    positions: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    rope_cache: torch.Tensor,
+    weights: DecodeLayerWeights,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole decoder layer for a small decode step (the native version is one call: no per-op overhead)."""
+    fn = resolve("decode_layer", impl, hidden.device)
+    return fn(hidden, residual, positions, slot_mapping, block_tables, context_lens, rope_cache, weights)
+
+
 def silu_and_mul(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """silu(gate) * up for a fused [..., 2 * d] gate/up projection."""
     return resolve("silu_and_mul", impl, x.device)(x)
@@ -148,6 +175,8 @@ __all__ = [
     "fused_add_rms_norm",
     "apply_rotary_emb",
     "linear",
+    "decode_layer",
+    "DecodeLayerWeights",
     "silu_and_mul",
     "write_kv_cache",
     "dequant_matmul",

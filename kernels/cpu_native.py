@@ -72,8 +72,13 @@ def _build() -> ctypes.CDLL:
             fn.restype = restype
     lib.write_kv_cache.argtypes = [p] * 5 + [i, l, l, l]
     lib.write_kv_cache.restype = None
-    lib.linear_bf16_small_m.argtypes = [p] * 4 + [i] * 4
-    lib.linear_bf16_small_m.restype = ctypes.c_int
+    for suffix in ("f32", "bf16"):
+        fn = getattr(lib, f"linear_small_m_{suffix}")
+        fn.argtypes = [p] * 4 + [i] * 4
+        fn.restype = ctypes.c_int
+        fn = getattr(lib, f"decode_layer_{suffix}")
+        fn.argtypes = [p, p, i] + [p] * 4 + [i] + [p] * 10 + [i] * 7 + [f, f, i]
+        fn.restype = ctypes.c_int
     return lib
 
 
@@ -272,44 +277,43 @@ def write_kv_cache(
     )
 
 
-# Up to this many rows, a bf16 matmul streams the weight through AVX512-BF16 dot
-# products instead of torch's GEMM. Measured on the 2-vCPU AMD EPYC (Zen, AVX512-BF16)
-# with 1 thread: at M=1 the native kernel is 1.7-2.7x faster than torch's bf16
-# matmul on the 88M model's projections (1280x768, 4096x768, 768x2048), at M=4
-# 1.2-2.9x; at M=8 torch catches up and beyond it wins.
-SMALL_M_BF16 = 4
-_gemv_ok: bool | None = None
+# Up to this many rows a matmul streams the weight through the native kernel
+# (kernels/csrc: tiles of 1x8, 2x8 and 4x4 accumulators) instead of torch's
+# GEMM. Measured single-threaded on the 2-vCPU AMD EPYC on the 88M model's
+# projections: bf16 at one row 54-61 GB/s against torch's 22-27 (2.3-2.8x),
+# at four rows about even; fp32 at one row 57-68 against MKL's 50-62, at two
+# to four rows 1.1-1.7x. Beyond four rows torch's GEMM wins.
+SMALL_M = 4
+_small_m_ok: dict[torch.dtype, bool] = {}
 
 
-def _has_bf16_gemv(lib: ctypes.CDLL) -> bool:
-    """Whether the library was built with AVX512-BF16 (else it returns 1 and does nothing)."""
-    global _gemv_ok
-    if _gemv_ok is None:
-        x = torch.zeros(1, 32, dtype=torch.bfloat16)
-        w = torch.zeros(1, 32, dtype=torch.bfloat16)
-        y = torch.empty(1, 1, dtype=torch.bfloat16)
-        _gemv_ok = lib.linear_bf16_small_m(x.data_ptr(), w.data_ptr(), None, y.data_ptr(), 1, 1, 32, 1) == 0
-    return _gemv_ok
+def _has_small_m(lib: ctypes.CDLL, dtype: torch.dtype) -> bool:
+    """Whether the library was built with the instructions for this dtype (else it returns 1)."""
+    ok = _small_m_ok.get(dtype)
+    if ok is None:
+        x, w, y = torch.zeros(1, 32, dtype=dtype), torch.zeros(1, 32, dtype=dtype), torch.empty(1, 1, dtype=dtype)
+        ok = _small_m_ok[dtype] = _kernel("linear_small_m", dtype)(x.data_ptr(), w.data_ptr(), None, y.data_ptr(), 1, 1, 32, 1) == 0
+    return ok
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Same contract as F.linear: the native weight-streaming kernel for few bf16 rows, torch otherwise."""
+    """Same contract as F.linear: the native weight-streaming kernel for up to SMALL_M rows, torch otherwise."""
     rows = x.numel() // x.shape[-1] if x.dim() else 0
     lib = load()
     if (
         lib is None
-        or x.dtype != torch.bfloat16
-        or weight.dtype != torch.bfloat16
-        or not 0 < rows <= SMALL_M_BF16
+        or not 0 < rows <= SMALL_M
+        or x.dtype not in (torch.float32, torch.bfloat16)
+        or weight.dtype != x.dtype
         or not weight.is_contiguous()
-        or not _has_bf16_gemv(lib)
+        or not _has_small_m(lib, x.dtype)
     ):
         return F.linear(x, weight, bias)
     out_features, in_features = weight.shape
     x2 = x.reshape(rows, in_features).contiguous()
-    y = torch.empty(rows, out_features, dtype=torch.bfloat16)
+    y = torch.empty(rows, out_features, dtype=x.dtype)
     b = bias.contiguous() if bias is not None else None
-    lib.linear_bf16_small_m(
+    _kernel("linear_small_m", x.dtype)(
         x2.data_ptr(),
         weight.data_ptr(),
         b.data_ptr() if b is not None else None,
@@ -320,3 +324,60 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         torch.get_num_threads(),
     )
     return y.view(*x.shape[:-1], out_features)
+
+
+def decode_layer(
+    hidden: torch.Tensor,
+    residual: torch.Tensor | None,
+    positions: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    rope_cache: torch.Tensor,
+    w: "DecodeLayerWeights",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as kernels.reference.decode_layer, in one native call (up to SMALL_M sequences)."""
+    num_seqs, hidden_size = hidden.shape
+    if num_seqs > SMALL_M:
+        raise ValueError(f"native decode_layer takes at most {SMALL_M} sequences, got {num_seqs}")
+    fn = _kernel("decode_layer", hidden.dtype)
+    out = hidden.contiguous().clone()
+    first = residual is None
+    res = torch.empty_like(out) if first else residual.contiguous().clone()
+    tables = block_tables.to(torch.int32).contiguous()
+    lens = context_lens.to(torch.int32).contiguous()
+    pos = positions.to(torch.int64).contiguous()
+    slots = slot_mapping.to(torch.int64).contiguous()
+    rc = fn(
+        out.data_ptr(),
+        res.data_ptr(),
+        int(first),
+        pos.data_ptr(),
+        slots.data_ptr(),
+        tables.data_ptr(),
+        lens.data_ptr(),
+        tables.shape[1],
+        rope_cache.data_ptr(),
+        w.attn_norm.data_ptr(),
+        w.wqkv.data_ptr(),
+        w.bqkv.data_ptr() if w.bqkv is not None else None,
+        w.wo.data_ptr(),
+        w.ffn_norm.data_ptr(),
+        w.w13.data_ptr(),
+        w.w2.data_ptr(),
+        w.k_cache.data_ptr(),
+        w.v_cache.data_ptr(),
+        num_seqs,
+        hidden_size,
+        w.num_heads,
+        w.num_kv_heads,
+        w.head_dim,
+        w.w2.shape[1],
+        w.k_cache.shape[1],
+        float(w.eps),
+        float(w.scale),
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise RuntimeError(f"native decode_layer failed (status {rc})")
+    return out, res

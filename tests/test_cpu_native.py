@@ -138,3 +138,51 @@ def test_linear_keeps_torch_for_fp32_and_batched_rows():
     torch.testing.assert_close(cpu_native.linear(x, w), torch.nn.functional.linear(x, w))
     xb, wb = x.bfloat16(), w.bfloat16()
     torch.testing.assert_close(cpu_native.linear(xb, wb).float(), torch.nn.functional.linear(xb, wb).float(), atol=0.1, rtol=0.02)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_seqs, first, bias", [(1, True, False), (3, False, True), (4, False, False)])
+def test_decode_layer_matches_its_reference(dtype, num_seqs, first, bias):
+    from engine.model import build_rope_cache
+
+    g = torch.Generator().manual_seed(6)
+    hidden, heads, kv_heads, head_dim, inter, block_size = 48, 6, 2, 8, 40, 4
+
+    def r(*shape, scale=0.3):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    def weights(k_cache, v_cache):
+        return reference.DecodeLayerWeights(
+            attn_norm=(torch.rand(hidden, generator=g) + 0.5).to(dtype),
+            wqkv=r((heads + 2 * kv_heads) * head_dim, hidden),
+            bqkv=r((heads + 2 * kv_heads) * head_dim) if bias else None,
+            wo=r(hidden, heads * head_dim),
+            ffn_norm=(torch.rand(hidden, generator=g) + 0.5).to(dtype),
+            w13=r(2 * inter, hidden),
+            w2=r(hidden, inter),
+            k_cache=k_cache,
+            v_cache=v_cache,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            eps=1e-6,
+            scale=head_dim**-0.5,
+        )
+
+    k_cache, v_cache = r(20, block_size, kv_heads, head_dim, scale=1.0), r(20, block_size, kv_heads, head_dim, scale=1.0)
+    w_native = weights(k_cache.clone(), v_cache.clone())
+    w_ref = reference.DecodeLayerWeights(**{**w_native.__dict__, "k_cache": k_cache.clone(), "v_cache": v_cache.clone()})
+    lens = torch.tensor([5, 9, 1, 13][:num_seqs], dtype=torch.int32)
+    tables = torch.stack([torch.randperm(20, generator=g)[:4] for _ in range(num_seqs)]).to(torch.int32)
+    positions = (lens - 1).to(torch.int64)
+    slots = (tables[torch.arange(num_seqs), positions // block_size].to(torch.int64) * block_size + positions % block_size)
+    x = r(num_seqs, hidden, scale=1.0)
+    residual = None if first else r(num_seqs, hidden, scale=1.0)
+    rope = build_rope_cache(head_dim, 64, 10000.0, None)
+    got = cpu_native.decode_layer(x, residual, positions, slots, tables, lens, rope, w_native)
+    expected = reference.decode_layer(x, residual, positions, slots, tables, lens, rope, w_ref)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=6e-2, rtol=6e-2)
+    torch.testing.assert_close(got[0], expected[0], **tol)
+    torch.testing.assert_close(got[1], expected[1], **tol)
+    torch.testing.assert_close(w_native.k_cache, w_ref.k_cache, **tol)  # same K written to the same slots
+    torch.testing.assert_close(w_native.v_cache, w_ref.v_cache, **tol)
