@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -45,12 +46,18 @@ def processes_mentioning(marker: str) -> list[str]:
     return found
 
 
-def test_unknown_model_fails_fast_with_one_line():
-    out = subprocess.run(
-        shardline_command() + ["serve", "--model", "no-such-model"], capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 2
-    assert len(out.stderr.strip().splitlines()) == 1 and "no-such-model" in out.stderr
+def test_expected_failures_are_one_line_and_exit_2(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for flags, needle in ((["--model", "no-such-model"], "no-such-model"), (["--port", str(port)], f"127.0.0.1:{port}")):
+            out = subprocess.run(shardline_command() + ["serve", *flags], capture_output=True, text=True, timeout=120)
+            assert out.returncode == 2, out.stderr
+            assert len(out.stderr.strip().splitlines()) == 1 and needle in out.stderr
+    nothing_here = dict(os.environ, RAY_TMPDIR=str(tmp_path))  # no cluster to find
+    out = subprocess.run(shardline_command() + ["status"], capture_output=True, text=True, timeout=120, env=nothing_here)
+    assert out.returncode == 2 and "no Ray cluster" in out.stderr.strip().splitlines()[-1]
 
 
 def test_serve_answers_and_shuts_down_cleanly_on_sigint():

@@ -252,6 +252,47 @@ def test_guard_limits_and_drain(local_app):
     assert gate.num_inflight == 0
 
 
+def test_batched_prompts_with_n_stream_and_not(local_app):
+    app, _, _, config = local_app
+    body = {"model": config.model_name, "prompt": ["The quick", "lazy dog"], "n": 2, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    plain = call(app, "POST", "/v1/completions", json=body).json()
+    assert [c["index"] for c in plain["choices"]] == [0, 1, 2, 3]
+    assert plain["choices"][0]["text"] == plain["choices"][1]["text"]  # greedy: n copies agree
+    assert plain["usage"]["completion_tokens"] == 16
+    chunks = sse_payloads(call(app, "POST", "/v1/completions", json={**body, "stream": True}).text)[:-1]
+    streamed = {}
+    for chunk in chunks:
+        for c in chunk["choices"]:
+            streamed[c["index"]] = streamed.get(c["index"], "") + c["text"]
+    assert streamed == {c["index"]: c["text"] for c in plain["choices"]}
+
+
+def test_logprobs_through_the_replica(local_app):
+    app, _, _, config = local_app
+    r = call(app, "POST", "/v1/completions", json={"model": config.model_name, "prompt": "hello", "max_tokens": 3, "logprobs": 2, "temperature": 0, "ignore_eos": True}).json()
+    lp = r["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 3
+    assert all(len(top) <= 2 and max(top.values()) <= 0 for top in lp["top_logprobs"])
+    r = call(app, "POST", "/v1/chat/completions", json={"model": config.model_name, "messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "logprobs": True, "top_logprobs": 2, "temperature": 0, "ignore_eos": True}).json()
+    content = r["choices"][0]["logprobs"]["content"]
+    assert len(content) == 3 and all(len(t["top_logprobs"]) == 2 for t in content)
+    assert content[0]["logprob"] == content[0]["top_logprobs"][0]["logprob"]  # greedy took the top token
+    too_many = call(app, "POST", "/v1/completions", json={"model": config.model_name, "prompt": "x", "logprobs": 20})
+    assert too_many.status_code == 200  # 20 is the default cap
+
+
+def test_stop_strings_cut_text_in_both_modes(local_app):
+    app, _, _, config = local_app
+    base = {"model": config.model_name, "prompt": "The quick brown fox", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    full = call(app, "POST", "/v1/completions", json=base).json()["choices"][0]["text"]
+    stop = full[3:5]
+    assert stop
+    cut = call(app, "POST", "/v1/completions", json={**base, "stop": [stop]}).json()["choices"][0]
+    assert cut["finish_reason"] == "stop" and cut["text"] == full[: full.index(stop)]
+    chunks = sse_payloads(call(app, "POST", "/v1/completions", json={**base, "stop": stop, "stream": True}).text)[:-1]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == cut["text"]
+
+
 class ScriptedBackend:
     """A replica stand-in that plays a fixed list of events (an exception is raised)."""
 
