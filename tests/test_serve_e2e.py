@@ -101,6 +101,14 @@ def sse_payloads(lines) -> list:
 # ---- the happy paths ---------------------------------------------------------------------
 
 
+def test_ray_is_on_loopback_with_token_auth(server):
+    import ray
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    assert get_authentication_mode() == AuthenticationMode.TOKEN  # Ray 2.60's default for a local cluster, kept
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+
+
 def test_models_and_health(server):
     assert [m.id for m in client(server).models.list().data] == ["tiny"]
     r = httpx.get(f"{server['base']}/health")

@@ -171,6 +171,17 @@ def test_cli_flags_override_the_config_file(tmp_path):
         build_config(Args)
 
 
+def test_metric_push_settings_are_names_ray_reads():
+    import ray.serve._private.constants as constants
+
+    from deployments.config import SERVE_METRIC_ENV
+
+    source = Path(constants.__file__).read_text()
+    for name, value in SERVE_METRIC_ENV.items():
+        assert f'"{name}"' in source, f"Ray no longer reads {name}"
+        assert float(value) <= 1.0
+
+
 def test_ray_cluster_yaml_passes_rays_own_validation():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
