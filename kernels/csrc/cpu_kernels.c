@@ -235,7 +235,10 @@ void write_kv_cache(const char* key, const char* value, char* k_cache, char* v_c
         for (int k = 0; k < K; k += 16) {                                                                \
             const __mmask16 mask = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);   \
             __m512 wv[NB];                                                                               \
-            for (int r = 0; r < NB; r++) wv[r] = r < nb ? _mm512_maskz_loadu_ps(mask, w + (long)r * K + k) : _mm512_setzero_ps(); \
+            for (int r = 0; r < NB; r++) {                                                               \
+                _mm_prefetch((const char*)(w + (long)(r + NB) * K + k), _MM_HINT_T0);                    \
+                wv[r] = r < nb ? _mm512_maskz_loadu_ps(mask, w + (long)r * K + k) : _mm512_setzero_ps(); \
+            }                                                                                            \
             for (int m = 0; m < MB; m++) {                                                               \
                 if (m >= mb) break;                                                                      \
                 const __m512 xv = _mm512_maskz_loadu_ps(mask, x + (long)m * K + k);                      \
@@ -260,7 +263,10 @@ DEFINE_TILE_F32(4, 4)
         for (int k = 0; k < K; k += 32) {                                                                \
             const __mmask32 mask = K - k >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1ull << (K - k)) - 1); \
             __m512i wv[NB];                                                                              \
-            for (int r = 0; r < NB; r++) wv[r] = r < nb ? _mm512_maskz_loadu_epi16(mask, w + (long)r * K + k) : _mm512_setzero_si512(); \
+            for (int r = 0; r < NB; r++) {                                                               \
+                _mm_prefetch((const char*)(w + (long)(r + NB) * K + k), _MM_HINT_T0);                    \
+                wv[r] = r < nb ? _mm512_maskz_loadu_epi16(mask, w + (long)r * K + k) : _mm512_setzero_si512(); \
+            }                                                                                            \
             for (int m = 0; m < MB; m++) {                                                               \
                 if (m >= mb) break;                                                                      \
                 const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + (long)m * K + k);                  \
