@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve import Application
 
@@ -23,6 +24,7 @@ from deployments.metrics import RayReplicaMetrics
 from deployments.replica import ModelReplica
 from deployments.router import ReplicaRouter
 from deployments.service import OpenAIService
+from deployments.tensor_parallel import rank_bundles
 
 class ServeModelReplica(ModelReplica):
     """ModelReplica as a Serve replica: Ray metrics, its Serve id, engine stopped on shutdown."""
@@ -30,6 +32,22 @@ class ServeModelReplica(ModelReplica):
     def __init__(self, config: ServeConfig):
         super().__init__(config, metrics=RayReplicaMetrics(config.model_name))
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self._tp_ranks: list[dict[str, Any]] | None = None
+
+    def stats(self) -> dict[str, Any]:
+        """ModelReplica.stats plus where this replica (and each tensor-parallel rank) runs."""
+        s = super().stats()
+        s["node_id"] = ray.get_runtime_context().get_node_id()
+        group = self.engine.engine.tp_group
+        if group is not None:
+            if self._tp_ranks is None:
+                try:
+                    infos = group.launcher.worker_info()
+                    self._tp_ranks = [{"rank": i + 1, **info} for i, info in enumerate(infos)]
+                except Exception:  # a dead shard: the health check reports it
+                    return dict(s, tp_ranks=[])
+            s["tp_ranks"] = self._tp_ranks
+        return s
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Serve's hook for request routers: the load a custom router ranks replicas by."""
@@ -87,6 +105,13 @@ def build_app(config: ServeConfig) -> Application:
         health_check_period_s=2.0,
         ray_actor_options={"num_cpus": config.replica_num_cpus, "num_gpus": config.replica_num_gpus, "runtime_env": env},
     )
+    if config.tensor_parallel_size > 1:
+        # One bundle per rank: the replica itself (rank 0) takes bundle 0, its
+        # worker ranks the others (deployments/tensor_parallel.py).
+        replica_options["placement_group_bundles"] = rank_bundles(
+            config.tensor_parallel_size, config.replica_num_gpus > 0, config.replica_num_cpus
+        )
+        replica_options["placement_group_strategy"] = config.placement_strategy
     if config.autoscaling_config is not None:
         replica_options["autoscaling_config"] = config.autoscaling_config
     else:

@@ -31,6 +31,8 @@ _CONFIG_FLAGS = {
     "max_queue_len": "max_queue_len",
     "request_timeout": "request_timeout_s",
     "grace_period": "graceful_shutdown_s",
+    "tensor_parallel_size": "tensor_parallel_size",
+    "placement_strategy": "placement_strategy",
 }
 
 
@@ -52,6 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue-len", type=int, help="waiting requests per replica before 429")
     p.add_argument("--request-timeout", type=float, help="seconds before a request gets 408")
     p.add_argument("--grace-period", type=float, help="seconds in-flight requests get on shutdown")
+    p.add_argument("--tensor-parallel-size", type=int, help="split each replica's model over N ranks (Ray actors)")
+    p.add_argument(
+        "--placement-strategy",
+        choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+        help="where a replica's ranks go: PACK on one node (default), SPREAD across nodes",
+    )
     p.add_argument("--address", help="join this Ray cluster (e.g. auto, or HEAD_IP:6379) instead of starting one")
     p.add_argument("--config", help="a Serve config YAML (serve.yaml): its first application's args and http_options")
     p.set_defaults(func=_cmd_serve)

@@ -52,6 +52,12 @@ class ServeConfig(BaseModel):
     max_n: int = Field(16, ge=1, le=1024, description="Largest `n` (completions per prompt) a request may ask for.")
     max_logprobs: int = Field(20, ge=0, description="Largest `logprobs` / `top_logprobs` a request may ask for.")
     torch_threads: Optional[int] = Field(None, ge=1, description="torch threads per replica; default: torch's choice.")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="Ranks each replica's model is split over (rank 0 in the replica, the rest as Ray actors)."
+    )
+    placement_strategy: str = Field(
+        "PACK", description="Where a replica's ranks go: PACK (one node), SPREAD, STRICT_PACK or STRICT_SPREAD."
+    )
 
     # ---- replicas ----------------------------------------------------------
     num_replicas: int = Field(1, ge=1, description="ModelReplica count (ignored when autoscaling_config is set).")
@@ -80,6 +86,8 @@ class ServeConfig(BaseModel):
     def _check(self) -> "ServeConfig":
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f'dtype must be "float32" or "bfloat16", got {self.dtype!r}')
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(f"placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {self.placement_strategy!r}")
         return self
 
     @property
@@ -100,6 +108,7 @@ class ServeConfig(BaseModel):
             enable_prefix_caching=self.enable_prefix_caching,
             seed=self.seed,
             max_n=self.max_n,
+            tensor_parallel_size=self.tensor_parallel_size,
         )
 
     @property

@@ -26,7 +26,7 @@ from deployments.admission import ReplicaLoad, admit
 from deployments.config import ServeConfig
 from deployments.events import Admitted, ChoiceDelta, Delta, Failed, GenerateRequest, Rejected, ReplicaEvent
 from deployments.metrics import NullMetrics, RequestTimings
-from engine import AsyncLLMEngine, EngineConfig, RequestOutput
+from engine import AsyncLLMEngine, EngineConfig, LLMEngine, RequestOutput
 
 
 @dataclass
@@ -83,7 +83,18 @@ class ModelReplica:
             import torch
 
             torch.set_num_threads(config.torch_threads)
-        return AsyncLLMEngine.from_config(EngineConfig(**config.engine_kwargs(resolve_model(config.model))))
+        engine_config = EngineConfig(**config.engine_kwargs(resolve_model(config.model)))
+        launcher = None
+        if config.tensor_parallel_size > 1:
+            from deployments.tensor_parallel import RayWorkerLauncher
+
+            # Inside a Serve replica the launcher uses the replica's own placement group.
+            launcher = RayWorkerLauncher(
+                strategy=config.placement_strategy,
+                use_gpu=config.replica_num_gpus > 0,
+                cpus_per_rank=config.replica_num_cpus,
+            )
+        return AsyncLLMEngine(LLMEngine(engine_config, launcher))
 
     # ---- load ----------------------------------------------------------------
 
@@ -126,6 +137,8 @@ class ModelReplica:
         """Raise when the engine loop has died (Serve then replaces this replica)."""
         if not self.engine.is_running:
             raise RuntimeError("the engine loop is not running")
+        if not self.engine.engine.healthy():
+            raise RuntimeError("a tensor-parallel shard of this replica died")
 
     def _publish_load(self) -> None:
         s = self.stats()

@@ -15,6 +15,7 @@ never as a Ray call per step: Ray only starts, watches and stops them.
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 import ray
@@ -42,7 +43,6 @@ class TPWorkerActor:
         return {
             "node_id": ray.get_runtime_context().get_node_id(),
             "parameter_bytes": self._worker.parameter_bytes() if self._worker else 0,
-            "steps": self._worker.steps if self._worker else 0,
         }
 
 
@@ -87,6 +87,8 @@ class RayWorkerLauncher:
         self._runs: list[ray.ObjectRef] = []
         self._alive = True
         self._checked_at = 0.0
+        # Worker actors are named shardline-tp-<group>-rank<r>, so operators can find them.
+        self.group_id = uuid.uuid4().hex[:8]
 
     def rendezvous_host(self) -> str:
         return ray.util.get_node_ip_address()
@@ -114,7 +116,7 @@ class RayWorkerLauncher:
                 num_cpus=bundle.get("CPU", 0),
                 num_gpus=bundle.get("GPU", 0),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=rank),
-                name=None,
+                name=f"shardline-tp-{self.group_id}-rank{rank}",
             ).remote()
             self.actors.append(actor)
             self._runs.append(actor.run.remote(spec, rank))
