@@ -18,6 +18,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
@@ -103,11 +104,15 @@ class StepBroadcaster:
 
     def __init__(self, ctx: ParallelContext):
         self.ctx = ctx
+        # Seconds rank 0 spent packing and broadcasting steps (dispatch cost).
+        self.send_seconds = 0.0
 
     def send(self, inp: StepInput) -> None:
+        start = time.perf_counter()
         header, body = pack_step(inp)
         dist.broadcast(header, src=0, group=self.ctx.group)
         dist.broadcast(body, src=0, group=self.ctx.group)
+        self.send_seconds += time.perf_counter() - start
 
     def send_stop(self) -> None:
         header = torch.zeros(_HEADER, dtype=torch.int64)

@@ -18,6 +18,7 @@ Collectives go through torch.distributed (gloo on CPU, NCCL on CUDA).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,19 +41,28 @@ class ParallelContext:
     world_size: int
     # torch.distributed group; None is the default group.
     group: Any = None
+    # Seconds spent in collectives, when a profiler switched it on (None: off).
+    comm_seconds: float | None = None
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter() if self.comm_seconds is not None else 0.0
         dist.all_reduce(t, group=self.group)
+        if self.comm_seconds is not None:
+            self.comm_seconds += time.perf_counter() - start
         return t
 
     def all_gather_last_dim(self, t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """Concatenate every rank's `t` along the last dim; rank i contributes sizes[i] columns."""
+        start = time.perf_counter() if self.comm_seconds is not None else 0.0
         width = max(sizes)
         if t.shape[-1] < width:
             t = F.pad(t, (0, width - t.shape[-1]))
         parts = [torch.empty_like(t) for _ in range(self.world_size)]
         dist.all_gather(parts, t.contiguous(), group=self.group)
-        return torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)
+        out = torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)
+        if self.comm_seconds is not None:
+            self.comm_seconds += time.perf_counter() - start
+        return out
 
 
 def split_range(n: int, parts: int, index: int) -> tuple[int, int]:
