@@ -132,7 +132,7 @@ def test_bf16_linear_matches_fp32_within_bf16_rounding(rows, out_features, in_fe
     assert ((got.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-3).all()
 
 
-def test_linear_keeps_torch_for_fp32_and_batched_rows():
+def test_linear_beyond_small_m_matches_torch():
     x = torch.randn(2, 3, 16)
     w = torch.randn(8, 16)
     torch.testing.assert_close(cpu_native.linear(x, w), torch.nn.functional.linear(x, w))
