@@ -56,6 +56,13 @@ class AsyncScheduler:
         self._waiters: dict[str, asyncio.Future[Assignment | Rejection]] = {}
         self._ticker: asyncio.Task | None = None
 
+    def reconfigure(self, config: SchedulerConfig, tenants: TenantRegistry | str | Path | None = None) -> None:
+        """New knobs for the running scheduler (see `Scheduler.reconfigure`)."""
+        if isinstance(tenants, (str, Path)):
+            tenants = TenantRegistry.from_file(tenants)
+        self.core.reconfigure(config, tenants)
+        self._pump(self._clock())
+
     # ---- the ingress side ----------------------------------------------------
 
     async def place(self, request: RouteRequest, timeout_s: float | None = None) -> Assignment | Rejection:

@@ -242,6 +242,20 @@ class Scheduler:
         self._finished_prompt_tokens = 0
         self._finished_cached_tokens = 0
 
+    def reconfigure(self, config: SchedulerConfig, tenants: TenantRegistry | None = None) -> None:
+        """Take new knobs (an app redeployed with other settings) and keep the index and queue.
+
+        The policy object is replaced only when its name or knobs change, so
+        a stateful policy (prefix_approx's tree) survives a no-op reconfigure.
+        """
+        if (config.policy, dict(config.policy_knobs)) != (self.config.policy, dict(self.config.policy_knobs)):
+            self.policy = make_policy(config.policy, **dict(config.policy_knobs))
+        self.config = config
+        self.queue.limits = config.queue
+        if tenants is not None:
+            self.tenants = tenants
+            self.ledger.registry = tenants
+
     # ---- requests ----------------------------------------------------------
 
     def submit(self, request: RouteRequest, now: float) -> Ticket | Rejection:

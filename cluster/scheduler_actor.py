@@ -29,6 +29,11 @@ class SchedulerActor(AsyncScheduler):
         return True
 
 
+def scheduler_name(app_name: str) -> str:
+    """The actor name of one Serve app's scheduler (one scheduler per app)."""
+    return f"{DEFAULT_NAME}-{app_name}"
+
+
 def start_scheduler(
     config: SchedulerConfig = SchedulerConfig(),
     tenants: TenantRegistry | str | Path | None = None,

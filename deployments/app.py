@@ -1,6 +1,11 @@
 """The Serve application: two thin deployments and the builder that binds them.
 
     OpenAIIngress (FastAPI: parse, tokenize, route) --handle--> ModelReplica (engine)
+          |  place / finished                                   |  load, KV events
+          +------------> scheduler actor (cluster/, head node) <-+
+
+The ingress asks the app's scheduler where each request runs and Serve's
+request router (serve_router.py) delivers it there; see router.py.
 
 Both classes are thin shells over plain ones (ingress.py + service.py,
 replica.py): they add only what needs Ray (the replica's id, Ray metrics, a
@@ -17,22 +22,35 @@ from typing import Any
 import ray
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from deployments.config import INGRESS_NAME, REPLICA_NAME, SERVE_METRIC_ENV, ServeConfig
 from deployments.ingress import Gate, build_openai_app
 from deployments.metrics import RayReplicaMetrics
 from deployments.replica import ModelReplica
+from deployments.reporter import ReplicaReporter
 from deployments.router import ReplicaRouter
+from deployments.scheduling import SchedulerUnavailable, ingress_link, load_tenants, replica_link
 from deployments.service import OpenAIService
 from deployments.tensor_parallel import rank_bundles
 
+SCHEDULED_ROUTER = "deployments.serve_router:ScheduledRequestRouter"
+
+
 class ServeModelReplica(ModelReplica):
-    """ModelReplica as a Serve replica: Ray metrics, its Serve id, engine stopped on shutdown."""
+    """ModelReplica as a Serve replica: Ray metrics, its Serve id, reports to the app's
+    scheduler (reporter.py), engine stopped on shutdown."""
 
     def __init__(self, config: ServeConfig):
         super().__init__(config, metrics=RayReplicaMetrics(config.model_name))
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        self.replica_id = context.replica_id.unique_id
         self._tp_ranks: list[dict[str, Any]] | None = None
+        self.reporter = ReplicaReporter(
+            self.replica_id, self, replica_link(context.app_name), config.scheduler_report_interval_s
+        )
+        self.on_routing_news = self.reporter.poke
+        self.reporter.start()  # Serve runs the constructor on the replica's event loop
 
     def stats(self) -> dict[str, Any]:
         """ModelReplica.stats plus where this replica (and each tensor-parallel rank) runs."""
@@ -49,11 +67,18 @@ class ServeModelReplica(ModelReplica):
             s["tp_ranks"] = self._tp_ranks
         return s
 
+    def check_health(self) -> None:
+        super().check_health()
+        self.reporter.start()  # no-op while it runs
+
     def record_routing_stats(self) -> dict[str, Any]:
         """Serve's hook for request routers: the load a custom router ranks replicas by."""
         return self.stats()
 
     def __del__(self) -> None:
+        reporter = getattr(self, "reporter", None)
+        if reporter is not None:
+            reporter.leave()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
@@ -73,8 +98,16 @@ class OpenAIIngress:
         from engine.tokenizer import Tokenizer
 
         self.gate = Gate()
-        self.router = ReplicaRouter(replica_handle, config.retry_after_s)
-        service = OpenAIService(config, Tokenizer(resolve_model(config.model)), self.router)
+        tenants = load_tenants(config)
+        link = ingress_link(config, serve.get_replica_context().app_name, tenants)
+        try:
+            link.actor()  # start the app's scheduler now, so that the replicas find it
+        except SchedulerUnavailable:
+            pass  # requests go by Serve's routing until it is up
+        self.router = ReplicaRouter(
+            replica_handle, config.retry_after_s, link, config.block_size, with_text=config.routing == "prefix_approx"
+        )
+        service = OpenAIService(config, Tokenizer(resolve_model(config.model)), self.router, tenants)
         self._app = build_openai_app(service, self.gate, config)
 
     def __serve_build_asgi_app__(self):
@@ -101,6 +134,8 @@ def build_app(config: ServeConfig) -> Application:
         max_ongoing_requests=config.replica_max_ongoing_requests,
         # Serve's router queue (all replicas at max_ongoing_requests) gets the same limit; -1 would be unbounded.
         max_queued_requests=max(1, config.max_queue_len),
+        # Follows the head-node scheduler's choice (GenerateRequest.replica_hint); pow2 without one.
+        request_router_config=RequestRouterConfig(request_router_class=SCHEDULED_ROUTER),
         graceful_shutdown_timeout_s=config.graceful_shutdown_s,
         health_check_period_s=2.0,
         ray_actor_options={"num_cpus": config.replica_num_cpus, "num_gpus": config.replica_num_gpus, "runtime_env": env},

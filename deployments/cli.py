@@ -1,7 +1,8 @@
 """`shardline serve` and `shardline status`, registered into cluster/cli.py.
 
     shardline serve [--model M] [--host 127.0.0.1] [--port 8000] [--num-replicas N]
-                    [--num-kv-blocks N] [--address ADDR] [--config serve.yaml]
+                    [--num-kv-blocks N] [--routing kv_aware|prefix_approx|pow2|round_robin]
+                    [--tenants FILE] [--address ADDR] [--config serve.yaml]
     shardline status [--json] [--address auto]
 
 Ray is imported inside the handlers only, so `shardline pull` never pays for
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cluster.placement import POLICIES
 from deployments.config import APP_NAME
 
 # flag dest -> ServeConfig field, for flags that override the config file.
@@ -33,6 +35,8 @@ _CONFIG_FLAGS = {
     "grace_period": "graceful_shutdown_s",
     "tensor_parallel_size": "tensor_parallel_size",
     "placement_strategy": "placement_strategy",
+    "routing": "routing",
+    "tenants": "tenants_file",
 }
 
 
@@ -60,6 +64,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
         help="where a replica's ranks go: PACK on one node (default), SPREAD across nodes",
     )
+    p.add_argument(
+        "--routing",
+        choices=list(POLICIES),
+        help="where the head-node scheduler sends each request: kv_aware (default: exact prefix-cache hits), "
+        "prefix_approx (prompt-text tree), pow2, round_robin",
+    )
+    p.add_argument("--tenants", metavar="FILE", help="tenants YAML/JSON: API keys, weights, queue limits, cache salts")
     p.add_argument("--address", help="join this Ray cluster (e.g. auto, or HEAD_IP:6379) instead of starting one")
     p.add_argument("--config", help="a Serve config YAML (serve.yaml): its first application's args and http_options")
     p.set_defaults(func=_cmd_serve)
@@ -105,6 +116,8 @@ def build_config(args: argparse.Namespace):
         value = getattr(args, flag, None)
         if value is not None:
             fields[field] = value
+    if fields.get("tenants_file"):
+        fields["tenants_file"] = str(Path(fields["tenants_file"]).expanduser().resolve())  # replicas run elsewhere
     try:
         config = ServeConfig(**fields)
     except ValidationError as e:
@@ -125,6 +138,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     config, options = build_config(args)
     resolve_model(config.model)  # an unknown or unpulled model fails here, before Ray starts
+    if config.tenants_file:
+        from cluster.tenants import TenantRegistry
+
+        TenantRegistry.from_file(config.tenants_file)  # so does a bad tenants file
     if options.address is None:
         check_port_free(options.host, options.port)
     return serve_forever(config, options, print_fn=lambda line: print(line, flush=True))

@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cluster.placement import POLICIES
+
 # Names of the Serve application and its two deployments.
 APP_NAME = "shardline"
 INGRESS_NAME = "OpenAIIngress"
@@ -68,6 +70,19 @@ class ServeConfig(BaseModel):
     replica_num_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves for each ModelReplica.")
     num_ingress_replicas: int = Field(1, ge=1, description="OpenAI ingress replicas (HTTP parsing, tokenizing).")
 
+    # ---- routing (the head-node scheduler, cluster/) -------------------------
+    routing: str = Field(
+        "kv_aware",
+        description="Placement policy of the head-node scheduler: kv_aware (exact prefix cache), "
+        "prefix_approx (prompt-text tree), pow2 or round_robin.",
+    )
+    tenants_file: Optional[str] = Field(
+        None, description="Tenants YAML/JSON (API keys, fair-share weights, queue limits, cache salts); see cluster/tenants.py."
+    )
+    scheduler_report_interval_s: float = Field(
+        0.05, gt=0, le=5, description="How often a replica sends the scheduler its load and KV events, when they changed."
+    )
+
     # ---- admission, limits, shutdown ---------------------------------------
     max_queue_len: int = Field(
         256, ge=0, description="Waiting requests one replica holds beyond its running batch; more get 429."
@@ -86,6 +101,8 @@ class ServeConfig(BaseModel):
     def _check(self) -> "ServeConfig":
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f'dtype must be "float32" or "bfloat16", got {self.dtype!r}')
+        if self.routing not in POLICIES:
+            raise ValueError(f"routing must be one of {', '.join(POLICIES)}, got {self.routing!r}")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ValueError(f"placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {self.placement_strategy!r}")
         return self
@@ -110,6 +127,14 @@ class ServeConfig(BaseModel):
             max_n=self.max_n,
             tensor_parallel_size=self.tensor_parallel_size,
         )
+
+    @property
+    def global_queue_limit(self) -> int:
+        """Requests the scheduler's global queue holds: `max_queue_len` per replica, at most replicas."""
+        replicas = self.num_replicas
+        if self.autoscaling_config is not None:
+            replicas = int(self.autoscaling_config.get("max_replicas", replicas))
+        return max(1, self.max_queue_len * replicas)
 
     @property
     def replica_max_ongoing_requests(self) -> int:

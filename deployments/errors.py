@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 # status -> (OpenAI error type, default code)
 _KINDS: dict[int, tuple[str, Optional[str]]] = {
     400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
     404: ("invalid_request_error", "not_found"),
     405: ("invalid_request_error", "method_not_allowed"),
     408: ("timeout_error", "request_timeout"),

@@ -26,10 +26,20 @@ class GenerateRequest:
     params: SamplingParams
     # The request field a token-id or length problem is reported against ("prompt" or "messages").
     prompt_param: str = "prompt"
-    # Tenant salt for prefix-cache isolation (None: share with everyone).
-    cache_salt: Optional[str] = None
+    # Tenant salt for prefix-cache isolation (None: share with everyone); from the
+    # server's tenant record, never from the request body.
+    cache_salt: Optional[Union[str, bytes]] = None
     # Wall-clock arrival at the ingress, for latency metrics.
     arrival_time: float = 0.0
+    # Who the request is charged to and queued as (cluster.tenants).
+    tenant_id: str = "anonymous"
+    # "interactive", or "batch" (takes only idle capacity).
+    priority: str = "interactive"
+    # Serve replica id the head-node scheduler chose; Serve's request router
+    # (serve_router.py) sends the request there. None: Serve's own choice.
+    replica_hint: Optional[str] = None
+    # Prompt tokens the scheduler expects the replica to serve from its cache.
+    expected_cached_tokens: int = 0
 
 
 @dataclass(slots=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
@@ -129,7 +129,7 @@ class ErrorBody(BaseModel):
     error: _ErrorDetail
 
 
-_ERRORS = {status: {"model": ErrorBody} for status in (400, 404, 408, 413, 429, 431, 500, 503)}
+_ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 408, 413, 429, 431, 500, 503)}
 _GENERATION_RESPONSES = {
     200: {"content": {"application/json": {}, "text/event-stream": {}}, "description": "The completion, or its stream."},
     **_ERRORS,
@@ -150,18 +150,25 @@ def _publish_model_names(app: FastAPI, names: list[str]) -> None:
     app.openapi = openapi
 
 
+def api_key_of(request: Request) -> Optional[str]:
+    """The API key of `Authorization: Bearer <key>`, as OpenAI clients send it; None without one."""
+    scheme, _, key = (request.headers.get("authorization") or "").partition(" ")
+    key = key.strip()
+    return key if scheme.lower() == "bearer" and key else None
+
+
 def build_openai_app(service: OpenAIService, gate: Gate, config: ServeConfig) -> FastAPI:
     """The OpenAI-compatible FastAPI app over `service`, guarded by `gate` and config's limits."""
     app = FastAPI(title="shardline", summary="OpenAI-compatible LLM serving", docs_url=None, redoc_url=None)
     install_handlers(app)
 
     @app.post("/v1/completions", responses=_GENERATION_RESPONSES)
-    async def completions(body: CompletionRequest):
-        return await service.completions(body)
+    async def completions(body: CompletionRequest, request: Request):
+        return await service.completions(body, api_key_of(request))
 
     @app.post("/v1/chat/completions", responses=_GENERATION_RESPONSES)
-    async def chat_completions(body: ChatCompletionRequest):
-        return await service.chat(body)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await service.chat(body, api_key_of(request))
 
     @app.get("/v1/models", responses=_ERRORS)
     async def models():

@@ -19,9 +19,11 @@ routing, autoscaling and `shardline status` read.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
+from cluster.placement import ReplicaLoad as RoutingLoad
 from deployments.admission import ReplicaLoad, admit
 from deployments.config import ServeConfig
 from deployments.events import Admitted, ChoiceDelta, Delta, Failed, GenerateRequest, Rejected, ReplicaEvent
@@ -74,6 +76,12 @@ class ModelReplica:
         self._num_inflight = 0
         # Requests whose caller left before they finished (client disconnects, timeouts).
         self._num_aborted = 0
+        # For the head-node scheduler (reporter.py): ids admitted since the last
+        # report, and the prompt tokens still to prefill of requests without output yet.
+        self._admitted: deque[str] = deque(maxlen=100_000)
+        self._prefill_backlog: dict[str, int] = {}
+        # Called when a request's prompt blocks became cached or a request ended (a report is due).
+        self.on_routing_news: Optional[Callable[[], None]] = None
 
     @staticmethod
     def _build_engine(config: ServeConfig) -> AsyncLLMEngine:
@@ -123,6 +131,31 @@ class ModelReplica:
             "kv_usage": kv_usage,
             "num_aborted": self._num_aborted,
         }
+
+    def routing_load(self) -> RoutingLoad:
+        """The load the head-node scheduler places by (cluster.placement.ReplicaLoad)."""
+        s = self.engine.stats()
+        running = int(s["num_running"])
+        # Requests accepted but not yet seen by the engine count as waiting.
+        waiting = max(int(s["num_waiting"] + s.get("num_pending", 0)), self._num_inflight - running, 0)
+        return RoutingLoad(
+            num_running=running,
+            num_waiting=waiting,
+            num_free_blocks=int(s["num_free_blocks"]),
+            num_blocks=int(s["num_blocks"]),
+            num_tokens_in_flight=sum(self._prefill_backlog.values()),
+            max_num_seqs=self.engine.engine.config.max_num_seqs,
+        )
+
+    def _routing_news(self) -> None:
+        if self.on_routing_news is not None:
+            self.on_routing_news()
+
+    def take_admitted(self) -> tuple[str, ...]:
+        """Request ids admitted since the last call (the scheduler's pending bindings end there)."""
+        out = tuple(self._admitted)
+        self._admitted.clear()
+        return out
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom-metrics hook: pushed to the controller when autoscaling is on."""
@@ -182,6 +215,10 @@ class ModelReplica:
             yield rejected
             return
         self._num_inflight += 1
+        self._admitted.append(request.request_id)
+        self._prefill_backlog[request.request_id] = max(
+            1, len(request.prompt_token_ids) - request.expected_cached_tokens
+        ) * request.params.n
         self._publish_load()
         finished = False
         try:
@@ -191,6 +228,8 @@ class ModelReplica:
             last: Optional[RequestOutput] = None
             try:
                 async for out in self.engine.generate(request.request_id, prompt, request.params, request.cache_salt):
+                    if self._prefill_backlog.pop(request.request_id, None) is not None:
+                        self._routing_news()
                     last = out
                     delta = take_delta(out, sent)
                     finished = out.finished
@@ -206,7 +245,9 @@ class ModelReplica:
             if not finished:
                 self.engine.abort(request.request_id)
                 self._num_aborted += 1
+            self._prefill_backlog.pop(request.request_id, None)
             self._num_inflight -= 1
+            self._routing_news()
             self._publish_load()
 
     def _record(self, request: GenerateRequest, out: RequestOutput) -> None:

@@ -126,10 +126,13 @@ def stop(options: ServerOptions, started_ray: bool) -> None:
     import ray
     from ray import serve
 
+    from deployments.scheduling import stop_scheduler
+
     if started_ray:
         serve.shutdown()
     else:
         serve.delete(options.app_name)
+        stop_scheduler(options.app_name)  # detached: it would outlive the app
     ray.shutdown()
 
 

@@ -4,9 +4,11 @@
 `generate(GenerateRequest) -> async iterator of ReplicaEvent`): the Serve
 router in production, a ModelReplica itself in tests. For one request it
 
-1. checks the model name (404) and builds SamplingParams (400),
+1. names the tenant (the API key's, else the `user` field's; 401 when the
+   server requires a key), checks the model name (404) and builds
+   SamplingParams (400); the tenant's cache salt comes from its record only,
 2. renders the chat template and tokenizes (the ingress owns the tokenizer, so
-   a prefix-aware scheduler can later route on token ids),
+   the scheduler routes on token ids: router.py hashes them),
 3. opens one replica stream per prompt and waits for each to be admitted or
    rejected, so a 400/429 is answered before any byte of a 200,
 4. answers with one JSON body, or streams server-sent events ending in
@@ -26,6 +28,7 @@ from typing import Any, AsyncIterator, Optional, Protocol, Union
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from cluster.tenants import Tenant, TenantRegistry, UnknownApiKey
 from deployments.config import ServeConfig
 from deployments.errors import APIError, model_not_found
 from deployments.events import Admitted, Delta, Failed, GenerateRequest, Rejected, ReplicaEvent
@@ -149,12 +152,16 @@ class OpenAIService:
         config: the app's ServeConfig (model name, limits, timeout).
         tokenizer: the served model's tokenizer (chat template included).
         backend: where GenerateRequests run (the Serve router, or a ModelReplica).
+        tenants: who a request belongs to, by API key or `user` (default: everyone anonymous).
     """
 
-    def __init__(self, config: ServeConfig, tokenizer: Tokenizer, backend: Backend):
+    def __init__(
+        self, config: ServeConfig, tokenizer: Tokenizer, backend: Backend, tenants: Optional[TenantRegistry] = None
+    ):
         self.config = config
         self.tokenizer = tokenizer
         self.backend = backend
+        self.tenants = tenants or TenantRegistry()
         self.created = int(time.time())
 
     # ---- endpoints ---------------------------------------------------------------
@@ -163,13 +170,15 @@ class OpenAIService:
         card = {"id": self.config.model_name, "object": "model", "created": self.created, "owned_by": "shardline"}
         return {"object": "list", "data": [card]}
 
-    async def completions(self, body: CompletionRequest):
+    async def completions(self, body: CompletionRequest, api_key: Optional[str] = None):
+        tenant = self._tenant(api_key, body.user)
         self._check_model(body.model)
         params = self._sampling_params(body, "logprobs")
         prompts = [self._encode(p) for p in body.prompts()]
-        return await self._respond("completion", "cmpl", body, params, prompts, "prompt", body.logprobs)
+        return await self._respond("completion", "cmpl", body, params, prompts, "prompt", body.logprobs, tenant)
 
-    async def chat(self, body: ChatCompletionRequest):
+    async def chat(self, body: ChatCompletionRequest, api_key: Optional[str] = None):
+        tenant = self._tenant(api_key, body.user)
         self._check_model(body.model)
         params = self._sampling_params(body, "top_logprobs")
         messages = [m.as_template_input() for m in body.messages]
@@ -179,9 +188,16 @@ class OpenAIService:
             raise APIError(400, str(e), "messages") from None
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        return await self._respond("chat", "chatcmpl", body, params, [ids], "messages", top)
+        return await self._respond("chat", "chatcmpl", body, params, [ids], "messages", top, tenant)
 
     # ---- steps -------------------------------------------------------------------
+
+    def _tenant(self, api_key: Optional[str], user: Optional[str]) -> Tenant:
+        """The request's tenant: its API key, else its `user` field (401 when a key is required)."""
+        try:
+            return self.tenants.resolve(api_key, user)
+        except UnknownApiKey as e:
+            raise APIError(401, str(e)) from None
 
     def _check_model(self, name: str) -> None:
         if name != self.config.model_name:
@@ -215,12 +231,16 @@ class OpenAIService:
         prompts: list[list[int]],
         prompt_param: str,
         top_logprobs: Optional[int],
+        tenant: Tenant,
     ):
         deadline = _Deadline(self.config.request_timeout_s)
         response_id = f"{id_prefix}-{uuid.uuid4().hex}"
         now = time.time()
         requests = [
-            GenerateRequest(f"{response_id}-{i}", ids, params, prompt_param, arrival_time=now)
+            GenerateRequest(
+                f"{response_id}-{i}", ids, params, prompt_param, cache_salt=tenant.cache_salt, arrival_time=now,
+                tenant_id=tenant.tenant_id,
+            )
             for i, ids in enumerate(prompts)
         ]
         streams = _Streams([self.backend.generate(r) for r in requests])

@@ -284,3 +284,22 @@ def test_every_policy_runs_through_the_scheduler(policy):
     assert s.stats(0.0).policy == policy
     with pytest.raises(ValueError, match="unknown routing policy"):
         Scheduler(SchedulerConfig(policy="random"))
+
+
+def test_reconfigure_swaps_policy_limits_and_tenants_and_keeps_the_index():
+    s = Scheduler(SchedulerConfig(policy="round_robin"))
+    c = Cluster(s)
+    h = tuple(hash_prompt_blocks(list(range(64)), BS))
+    c.report("r0", events=[(STORED, h)])
+    c.report("r1")
+    policy = s.policy
+    s.reconfigure(SchedulerConfig(policy="round_robin"))
+    assert s.policy is policy  # unchanged settings keep a stateful policy's state
+    tenants = TenantRegistry([Tenant("t", max_queued=1)])
+    s.reconfigure(SchedulerConfig(policy="kv_aware", queue=QueueLimits(max_queued=7)), tenants)
+    assert s.policy.name == "kv_aware" and s.queue.limits.max_queued == 7 and s.tenants is tenants
+    s.submit(RouteRequest("q", "t", h, BS, 70, 4), 0.0)
+    (a,) = s.poll_assignments(0.0)
+    assert (a.replica_id, a.cached_tokens) == ("r0", 64)  # the index survived
+    assert isinstance(s.submit(RouteRequest("q2", "t", h, BS, 70, 4), 0.0), Ticket)
+    assert isinstance(s.submit(RouteRequest("q3", "t", h, BS, 70, 4), 0.0), Rejection)  # the tenant's new limit

@@ -1,0 +1,290 @@
+"""The scheduler wiring without a Ray cluster: a real ModelReplica (tiny random model) reports to
+an in-process AsyncScheduler, and ReplicaRouter places through it over a fake Serve handle.
+
+What a real cluster adds (the actor, Serve's request router, HTTP) is in test_serve_routing.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from cluster.async_scheduler import AsyncScheduler
+from cluster.global_queue import QueueLimits
+from cluster.scheduler import SchedulerConfig
+from cluster.tenants import Tenant, TenantRegistry
+from deployments.config import ServeConfig
+from deployments.events import Admitted, Delta, GenerateRequest, Rejected
+from deployments.replica import ModelReplica
+from deployments.reporter import ReplicaReporter
+from deployments.router import ReplicaRouter, route_request, salt_keys
+from deployments.scheduling import SchedulerLink, SchedulerUnavailable, scheduler_config
+from deployments.serve_router import ScheduledRequestRouter, pow2_candidates, replica_hint
+from deployments.service import OpenAIService
+from engine import SamplingParams
+from engine.request import Request
+
+BLOCK = 4
+
+
+class FakeLink:
+    """SchedulerLink's interface over an in-process AsyncScheduler; `down` makes calls fail."""
+
+    def __init__(self, scheduler: AsyncScheduler):
+        self.scheduler = scheduler
+        self.down = False
+        self.calls: list[str] = []
+
+    def available(self) -> bool:
+        return not self.down
+
+    async def call(self, method, *args, timeout_s=None):
+        self.calls.append(method)
+        if self.down:
+            raise SchedulerUnavailable("down")
+        result = getattr(self.scheduler, method)(*args)
+        return await result if asyncio.iscoroutine(result) else result
+
+    def notify(self, method, *args):
+        self.calls.append(method)
+        if not self.down:
+            getattr(self.scheduler, method)(*args)
+
+
+class FakeResponse:
+    """A Serve streaming response over a ModelReplica's generator."""
+
+    def __init__(self, gen):
+        self._gen = gen
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self._gen.__aiter__()
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class FakeHandle:
+    """DeploymentHandle.options(stream=True).generate.remote(request) over replicas by id."""
+
+    def __init__(self, replicas: dict[str, ModelReplica]):
+        self.replicas = replicas
+        self.sent_to: list[str | None] = []
+        self.generate = SimpleNamespace(remote=self._remote)
+
+    def options(self, stream=False):
+        return self
+
+    def _remote(self, request: GenerateRequest):
+        rid = request.replica_hint if request.replica_hint in self.replicas else sorted(self.replicas)[0]
+        self.sent_to.append(request.replica_hint)
+        return FakeResponse(self.replicas[rid].generate(request))
+
+
+@pytest.fixture(scope="module")
+def replicas(model_dir):
+    config = ServeConfig(
+        model=str(model_dir), max_model_len=256, num_kv_blocks=48, block_size=BLOCK, max_num_seqs=4, max_queue_len=8
+    )
+    reps = {rid: ModelReplica(config) for rid in ("r0", "r1")}
+    for rid, r in reps.items():
+        r.replica_id = rid
+    yield config, reps
+    for r in reps.values():
+        r.shutdown()
+
+
+def request(i: int, ids: list[int], salt=None, tenant="anonymous", max_tokens=3) -> GenerateRequest:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    return GenerateRequest(f"q{i}", list(ids), params, cache_salt=salt, tenant_id=tenant)
+
+
+async def drain(gen) -> list:
+    return [event async for event in gen]
+
+
+def index_of(scheduler: AsyncScheduler, rid: str) -> set[bytes]:
+    return set(scheduler.core.index._replicas[rid].hashes)
+
+
+def test_route_request_hashes_equal_the_engines_including_a_str_salt():
+    ids = list(range(3, 3 + 4 * BLOCK + 2))
+    for salt in (None, "acme-4f1c", b"acme-4f1c", "naïve"):
+        engine_salt = salt.encode() if isinstance(salt, str) else salt
+        req = Request("x", ids, max_tokens=1, cache_salt=engine_salt)
+        req.init_block_hashes(BLOCK)
+        routed = route_request(request(0, ids, salt), BLOCK)
+        assert list(routed.block_hashes) == req.block_hashes and len(routed.block_hashes) == 4
+        assert routed.num_prompt_tokens == len(ids) and routed.max_tokens == 3
+    assert salt_keys("a") == (b"a",) and salt_keys(None) == () and salt_keys(b"") == ()
+    assert route_request(request(0, ids, "s"), BLOCK).block_hashes != route_request(request(0, ids), BLOCK).block_hashes
+    assert route_request(request(0, [65, 66]), BLOCK, with_text=True).prompt_text == "AB"
+
+
+def test_reporter_keeps_the_index_exact_through_lost_reports_and_a_restart(replicas):
+    config, reps = replicas
+    replica = reps["r0"]
+
+    async def main():
+        sched = AsyncScheduler(scheduler_config(config))
+        link = FakeLink(sched)
+        rep = ReplicaReporter("r0", replica, link, heartbeat_s=0.0)
+        assert await rep.report_once()
+        prompt = list(range(10, 10 + 6 * BLOCK))
+        await drain(replica.generate(request(1, prompt, salt="t1")))
+        assert await rep.report_once()
+        cached = set(replica.engine.engine.cached_block_hashes())
+        assert index_of(sched, "r0") == cached
+        assert set(route_request(request(2, prompt, salt="t1"), BLOCK).block_hashes) <= cached
+        # A lost report leaves a gap: the next one gets resync, and the snapshot restores the index.
+        await drain(replica.generate(request(3, list(range(100, 100 + 5 * BLOCK)))))
+        link.down = True
+        assert not await rep.report_once()
+        link.down = False
+        assert await rep.report_once() and rep.num_snapshots == 1
+        assert index_of(sched, "r0") == set(replica.engine.engine.cached_block_hashes())
+        # A restarted scheduler knows nothing and asks for a snapshot at the replica's first report.
+        link.scheduler = fresh = AsyncScheduler(scheduler_config(config))
+        assert await rep.report_once() and rep.num_snapshots == 2
+        assert index_of(fresh, "r0") == set(replica.engine.engine.cached_block_hashes())
+        assert not fresh.stats().replicas[0].stale_index
+
+    asyncio.run(main())
+
+
+def test_router_places_follows_and_reports_usage(replicas):
+    config, reps = replicas
+
+    async def main():
+        sched = AsyncScheduler(scheduler_config(config))
+        link = FakeLink(sched)
+        reporters = {rid: ReplicaReporter(rid, r, link, heartbeat_s=0.0) for rid, r in reps.items()}
+        for rep in reporters.values():
+            await rep.report_once()
+        handle = FakeHandle(reps)
+        router = ReplicaRouter(handle, 1, link, BLOCK)
+        context = list(range(200, 200 + 8 * BLOCK))
+        first = await drain(router.generate(request(10, context + [7], tenant="a")))
+        for rep in reporters.values():
+            await rep.report_once()
+        second_req = request(11, context + [8, 9], tenant="a")
+        second = await drain(router.generate(second_req))
+        assert isinstance(first[0], Admitted) and isinstance(second[-1], Delta) and second[-1].finished
+        assert handle.sent_to[0] == handle.sent_to[1] is not None  # the cached replica, both times
+        assert max(e.num_cached_tokens for e in second if isinstance(e, Delta)) == 8 * BLOCK
+        assert second_req.expected_cached_tokens == 8 * BLOCK
+        await asyncio.sleep(0)
+        usage = sched.core.ledger.by_tenant()["a"]
+        assert (usage.requests, usage.cached_tokens, usage.completion_tokens) == (2, 8 * BLOCK, 6)
+        assert sched.stats().num_in_flight == 0 and router.num_scheduled == 2
+        # The scheduler unreachable: Serve's own routing, and the request is served.
+        link.down = True
+        events = await drain(router.generate(request(12, context + [1], tenant="a")))
+        assert events[-1].finished and handle.sent_to[-1] is None and router.num_fallback == 1
+
+    asyncio.run(main())
+
+
+def test_router_answers_rejections_and_cancels_a_queued_request(replicas):
+    config, reps = replicas
+
+    async def main():
+        tenants = TenantRegistry(default=Tenant("anonymous", max_queued=1))
+        sched = AsyncScheduler(SchedulerConfig(queue=QueueLimits(max_queued=100, default_retry_after_s=3)), tenants)
+        link = FakeLink(sched)
+        router = ReplicaRouter(FakeHandle(reps), 1, link, BLOCK)
+        # No replica has reported: requests wait in the global queue.
+        waiting = asyncio.create_task(drain(router.generate(request(20, [1, 2, 3]))))
+        await asyncio.sleep(0.05)
+        assert sched.stats().num_queued_interactive == 1
+        refused = await drain(router.generate(request(21, [1, 2, 3])))
+        assert isinstance(refused[0], Rejected) and refused[0].status == 429 and refused[0].retry_after_s >= 1
+        waiting.cancel()  # the client left while queued
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert sched.stats().num_queued_interactive == 0 and "cancel" in link.calls
+
+    asyncio.run(main())
+
+
+def test_service_names_the_tenant_by_api_key_then_user(replicas, model_dir):
+    from engine.tokenizer import Tokenizer
+
+    from deployments.errors import APIError
+    from deployments.protocol import CompletionRequest
+
+    config, reps = replicas
+    seen: list[GenerateRequest] = []
+
+    class Recorder:
+        async def generate(self, req):
+            seen.append(req)
+            async for event in reps["r0"].generate(req):
+                yield event
+
+    tenants = TenantRegistry.from_dict(
+        {"tenants": [{"id": "acme", "api_keys": ["sk-acme"], "cache_salt": "acme-salt"}]}
+    )
+    service = OpenAIService(config, Tokenizer(model_dir), Recorder(), tenants)
+    body = CompletionRequest(model=config.model_name, prompt="hello there", max_tokens=2, user="bob")
+    asyncio.run(service.completions(body, "sk-acme"))
+    asyncio.run(service.completions(body, "sk-unknown"))
+    assert [(r.tenant_id, r.cache_salt) for r in seen] == [("acme", b"acme-salt"), ("user:bob", None)]
+    strict = OpenAIService(config, Tokenizer(model_dir), Recorder(), TenantRegistry(require_api_key=True))
+    with pytest.raises(APIError) as e:
+        asyncio.run(strict.completions(body, None))
+    assert e.value.status == 401
+
+
+def test_serve_router_follows_the_hint_else_two_choices():
+    import random
+
+    replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=u)) for u in ("a", "b", "c")]
+
+    def pending(hint):
+        return SimpleNamespace(args=[SimpleNamespace(replica_hint=hint)])
+
+    router = SimpleNamespace(_rng=random.Random(0))
+    choose = ScheduledRequestRouter.choose_replicas
+    assert asyncio.run(choose(router, replicas, pending("b"))) == [[replicas[1]]]
+    for hint in (None, "gone"):
+        (rank,) = asyncio.run(choose(router, replicas, pending(hint)))
+        assert len(rank) == 2 and len({id(r) for r in rank}) == 2
+    assert replica_hint(None) is None and replica_hint(SimpleNamespace(args=[])) is None
+    assert pow2_candidates([], random.Random(0)) == [] and pow2_candidates(replicas[:1], random.Random(0)) == [replicas[:1]]
+
+
+def test_link_fails_fast_while_down_and_looks_the_actor_up_again():
+    now = [0.0]
+    starts = []
+
+    def start():
+        starts.append(now[0])
+        return None  # no actor yet
+
+    link = SchedulerLink("x", start=start, retry_s=1.0, clock=lambda: now[0])
+    with pytest.raises(SchedulerUnavailable):
+        link.actor()
+    assert not link.available()
+    with pytest.raises(SchedulerUnavailable):
+        link.actor()
+    assert starts == [0.0]  # no second look-up while down
+    now[0] = 1.5
+    assert link.available()
+    with pytest.raises(SchedulerUnavailable):
+        link.actor()
+    assert starts == [0.0, 1.5] and link.num_failures == 2
+    link.notify("finished", "q", None)  # never raises
+
+
+def test_scheduler_config_from_serve_config():
+    c = ServeConfig(routing="prefix_approx", num_replicas=3, max_queue_len=10, retry_after_s=2)
+    s = scheduler_config(c)
+    assert (s.policy, s.queue.max_queued, s.queue.default_retry_after_s) == ("prefix_approx", 30, 2)
+    auto = ServeConfig(autoscaling_config={"min_replicas": 1, "max_replicas": 5}, max_queue_len=4)
+    assert auto.global_queue_limit == 20
+    with pytest.raises(ValueError, match="routing must be one of"):
+        ServeConfig(routing="random")
