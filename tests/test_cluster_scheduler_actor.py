@@ -40,13 +40,17 @@ def test_actor_places_and_restarted_actor_asks_for_a_snapshot(ray_cluster):
         assert (a.replica_id, a.cached_tokens) == ("r0", 48)
         assert ray.get(actor.finished.remote("q", RequestUsage(60, 48, 4)))
         ray.kill(actor, no_restart=False)
-        # Back empty: a replica it has not seen at seq > 0 is asked for a snapshot.
-        for _ in range(100):
+        # Back empty: a replica it has not seen at seq > 0 is asked for a snapshot. The kill
+        # is asynchronous, so the old process may still answer the first reports (in sequence).
+        resynced = False
+        for seq in range(1, 200):
             try:
-                reply = ray.get(actor.report.remote(ReplicaReport("r0", 1, load)))
-                break
+                if ray.get(actor.report.remote(ReplicaReport("r0", seq, load))).resync:
+                    resynced = True
+                    break
             except ray.exceptions.RayActorError:
-                time.sleep(0.1)
-        assert reply.resync
+                pass
+            time.sleep(0.1)
+        assert resynced
     finally:
         ray.kill(actor, no_restart=True)
