@@ -131,11 +131,43 @@ def cpu_seconds() -> tuple[float, float]:
     return busy / hz, time.time()
 
 
-def children_cpu() -> float:
-    import resource
+class SessionCPU:
+    """CPU seconds used by every process of one session (a worker and all it starts), sampled each second.
 
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
+    A worker's children (vllm's engine core) may be killed rather than reaped,
+    so getrusage cannot see them; /proc can, while they live.
+    """
+
+    def __init__(self, sid: int):
+        import threading
+
+        self.sid = sid
+        self.cpu: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._hz = os.sysconf("SC_CLK_TCK")
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{name}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+            if int(fields[3]) == self.sid:  # field 6 of stat: session id
+                self.cpu[int(name)] = (int(fields[11]) + int(fields[12])) / self._hz  # utime + stime
+
+    def _loop(self) -> None:
+        while not self._stop.wait(1.0):
+            self._sample()
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return sum(self.cpu.values())
 
 
 def others_cores(window: float = 2.0) -> float:
@@ -164,12 +196,13 @@ class Runner:
 
     def eta(self) -> str:
         el = time.time() - self.t0
-        if self.done <= 0:
-            return f"{el / 60:.1f} min elapsed"
-        left = el / self.done * (self.total - self.done)
+        left = self.total - self.done
+        if self.done > 60:  # rescale the estimates by how the finished jobs went
+            left *= max(el, 1.0) / self.done
         return f"{el / 60:.1f} min elapsed, ETA ~{left / 60:.0f} min"
 
     def run(self, label: str, spec: dict[str, Any], python: str, env: dict[str, str] | None, cost: float) -> dict[str, Any] | None:
+        """Run one job; `cost` is its rough duration estimate, in seconds, for the ETA."""
         self.index += 1
         busy_before = None
         if self.wait_idle > 0:
@@ -186,7 +219,6 @@ class Runner:
         spec_file.write_text(json.dumps(spec))
         load_before = os.getloadavg()[0]
         busy0, _ = cpu_seconds()
-        ours0 = children_cpu()
         t = time.time()
         proc = subprocess.Popen(
             [python, str(HERE / "workers.py"), str(spec_file), str(out_file)],
@@ -195,11 +227,13 @@ class Runner:
             stdout=sys.stderr,  # stdout is kept for the final JSON line
             start_new_session=True,
         )
+        ours = SessionCPU(proc.pid)
         try:
             rc = proc.wait(timeout=self.timeout)
         except subprocess.TimeoutExpired:
             rc = None
         finally:
+            ours_cpu = ours.stop()
             # The worker's own children (vllm's engine core) go with it.
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -217,7 +251,7 @@ class Runner:
                 return None
         wall = time.time() - t
         busy1, _ = cpu_seconds()
-        others = max(0.0, (busy1 - busy0) - (children_cpu() - ours0)) / max(wall, 1e-9)
+        others = max(0.0, (busy1 - busy0) - ours_cpu) / max(wall, 1e-9)
         log(f"    done in {wall:.0f} s; other processes used {others:.2f} cores meanwhile")
         res = partial
         res["wall_s"] = wall
@@ -288,20 +322,28 @@ def main(argv: list[str]) -> int:
     jobs += [j for j in tp_jobs if j not in first]
     jobs.append(("bandwidth", None))
 
-    per_tok = {"shardline": 1.0, "transformers": 1.0, "vllm": 0.5}
+    # Rough seconds per job for the ETA (batch-1 tokens/s of the 88M bf16 model, batching gains, model size);
+    # the Runner rescales it by how long the finished jobs really took.
+    base_rate = {"shardline": 60.0, "transformers": 40.0, "vllm": 80.0}
 
     def cost(kind: str, what: Any) -> float:
         if kind == "bandwidth":
-            return 50.0
+            return 10.0
         if kind == "throughput":
             m, d, e, bs = what
-            size = 2.0 if m == "smollm2-135m" else 1.0
-            size *= 1.6 if d == "fp32" else 1.0
-            startup = 600 if e == "vllm" else 100
-            toks = sum(args.repeats * b * args.new_tokens + b * args.warmup_tokens + 5 * args.new_tokens for b in bs)
-            return startup + size * per_tok[e] * toks / max(1, min(bs) ** 0.5)
+            size = {"smollm2-135m": 1.7, "tiny": 0.05}.get(m, 1.0) * (1.7 if d == "fp32" else 1.0)
+            startup = 150 if e == "vllm" else 10
+            secs = 0.0
+            for b in bs:
+                toks = args.repeats * b * args.new_tokens + b * args.warmup_tokens
+                secs += toks * size / (base_rate[e] * min(b, 64) ** 0.6)
+            if 1 in bs:
+                secs += 3 * (2 * args.new_tokens + 2) * size / base_rate[e]
+            return startup + secs
         lo, hi = args.serving_output_range
-        return 400 + args.serving_requests * (lo + hi) / 2 * (3 if what == "shardline-static" else 1) / 8
+        size = {"smollm2-135m": 1.7, "tiny": 0.05}.get(args.serving_model, 1.0)
+        secs = args.serving_requests * (lo + hi) / 2 * size / (base_rate["shardline"] * 4)
+        return (10 if what != "vllm" else 150) + secs * (2 if what == "shardline-static" else 1)
 
     peers.SCRATCH.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=str(peers.SCRATCH), prefix="run-") as tmp:

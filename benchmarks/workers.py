@@ -192,12 +192,17 @@ RUNNERS = {"shardline": ShardlineRunner, "vllm": VllmRunner, "transformers": Tra
 
 
 def _git_rev() -> str | None:
+    """HEAD's short hash, with "+dirty" when engine/ or kernels/ have uncommitted changes."""
     try:
         import subprocess
 
-        return subprocess.run(
+        rev = subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
-        ).stdout.strip() or None
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "engine", "kernels"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        return (rev + ("+dirty" if dirty else "")) or None
     except Exception:
         return None
 
