@@ -10,15 +10,27 @@ This module turns the context into `policy.ClusterLoad`, calls the pure
   replica's `record_autoscaling_stats()` (deployments' ModelReplica returns
   them; `replica_autoscaling_stats` shows the shape). The latest raw sample is
   used, not the window mean, so that a burst counts within one push interval.
+  Where a replica also reports `num_inflight` (requests it accepted and has
+  not finished), waiting is at least inflight minus running: the engine's
+  counts are one step old, and a burst that arrived during a long step
+  already counts.
 - The global queue is what the head-node scheduler holds, bound to no replica:
   an optional `global_queue` metric some replica forwards (the largest report
   wins, it is one number), plus requests queued in Serve handles
   (`ctx.total_queued_requests`: where they wait when the scheduler is away),
   plus, when `scheduler_name` is given, the scheduler actor's own count read
-  without blocking (`SchedulerQueueReader`).
+  without blocking (`SchedulerQueueReader`). A scheduler that is not running
+  counts as an empty queue: then replica metrics are all there is.
 - A replica that has not reported yet counts as empty; a deployment whose
   replicas report no custom metrics at all falls back to Serve's
   `total_num_requests` as the demand.
+
+Draining: when a replica leaves `ctx.running_replicas` (Serve picked it for
+removal and set it STOPPING, or it died), the policy tells the scheduler
+(`set_draining`), so that late binding sends it nothing more; Serve's own
+router already dropped it from its replica set. Serve then waits for the
+replica's ongoing requests up to the deployment's graceful_shutdown_timeout_s
+before it kills it (deployments/app.py sets that above the request timeout).
 
 Serve wraps every custom policy in its own delays and factors
 (`_apply_autoscaling_config`) and clips to min/max afterwards; with
@@ -38,7 +50,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from autoscaling.policy import ClusterLoad, PolicyState, QueueDepthConfig, ReplicaMetrics, decide
 
@@ -46,6 +58,7 @@ from autoscaling.policy import ClusterLoad, PolicyState, QueueDepthConfig, Repli
 STATE_KEY = "shardline"
 # Custom metric names a replica's record_autoscaling_stats() returns.
 WAITING, RUNNING, KV_USAGE, GLOBAL_QUEUE = "num_waiting", "num_running", "kv_usage", "global_queue"
+INFLIGHT = "num_inflight"
 POLICY_PATH = "autoscaling.serve_policy:QueueDepthPolicy"
 
 
@@ -83,6 +96,7 @@ def _latest(ctx: Any, name: str) -> dict[Any, float]:
 def load_from_context(ctx: Any, global_queue: float = 0.0) -> ClusterLoad:
     """The policy's input from a Serve `AutoscalingContext` (see the module doc)."""
     waiting, running, kv = _latest(ctx, WAITING), _latest(ctx, RUNNING), _latest(ctx, KV_USAGE)
+    inflight = _latest(ctx, INFLIGHT)
     forwarded = _latest(ctx, GLOBAL_QUEUE)
     handle_queued = float(ctx.total_queued_requests or 0.0)
     queue = max(0.0, global_queue) + max(forwarded.values(), default=0.0) + handle_queued
@@ -92,7 +106,7 @@ def load_from_context(ctx: Any, global_queue: float = 0.0) -> ClusterLoad:
         return ClusterLoad((), max(queue, float(ctx.total_num_requests or 0.0)), ctx.current_num_replicas, ctx.target_num_replicas)
     replicas = tuple(
         ReplicaMetrics(
-            num_waiting=int(round(waiting.get(rid, 0.0))),
+            num_waiting=int(round(max(waiting.get(rid, 0.0), inflight.get(rid, 0.0) - running.get(rid, 0.0)))),
             num_running=int(round(running.get(rid, 0.0))),
             kv_usage=min(1.0, max(0.0, kv.get(rid, 0.0))),
         )
@@ -149,21 +163,85 @@ class SchedulerQueueReader:
         return self.value
 
     @classmethod
-    def for_actor(cls, name: str, namespace: str, interval_s: float = 1.0) -> "SchedulerQueueReader":
-        """Poll the named scheduler actor's stats() for its queued interactive requests."""
+    def for_actor(cls, actor: "NamedActor", interval_s: float = 1.0) -> "SchedulerQueueReader":
+        """Poll the scheduler actor's stats() for its queued interactive requests."""
         import ray
 
         def submit():
-            return ray.get_actor(name, namespace=namespace).stats.remote()
+            return actor.get().stats.remote()
 
         def ready(ref) -> bool:
             done, _ = ray.wait([ref], timeout=0)
             return bool(done)
 
         def fetch(ref) -> float:
-            return float(ray.get(ref, timeout=0).num_queued_interactive)
+            try:
+                return float(ray.get(ref, timeout=0).num_queued_interactive)
+            except Exception:
+                actor.forget()  # dead, or replaced by a new actor of that name: look it up again
+                raise
 
         return cls(submit, ready, fetch, interval_s)
+
+
+class DrainMarker:
+    """Tells the scheduler, once each, which replicas left Serve's running set.
+
+    Serve decides which replica a scale-down stops; the policy only sees it go:
+    a replica id in the previous tick's running set and not in this one is
+    STOPPING (draining its requests) or dead. Either way the scheduler must
+    bind nothing more to it. `mark(replica_id)` sends that; it must not block,
+    and its failures are ignored (no scheduler, or one that never knew the replica).
+    """
+
+    def __init__(self, mark: Callable[[str], None]):
+        self._mark = mark
+        self._running: set[str] | None = None
+
+    def update(self, running: Iterable[str]) -> list[str]:
+        """Mark the replicas that left since the last call; returns their ids."""
+        now = set(running)
+        gone = sorted(self._running - now) if self._running is not None else []
+        for replica_id in gone:
+            try:
+                self._mark(replica_id)
+            except Exception:  # noqa: BLE001 - no scheduler: Serve's router already dropped the replica
+                pass
+        self._running = now
+        return gone
+
+    @classmethod
+    def for_actor(cls, actor: "NamedActor") -> "DrainMarker":
+        def mark(replica_id: str) -> None:
+            actor.get().set_draining.remote(replica_id, True)
+
+        return cls(mark)
+
+
+class NamedActor:
+    """A named actor's handle, looked up on first use and again after `forget()`.
+
+    `get()` raises ValueError while no actor has that name.
+    """
+
+    def __init__(self, name: str, namespace: str):
+        self.name, self.namespace = name, namespace
+        self._handle: Any = None
+
+    def get(self) -> Any:
+        if self._handle is None:
+            import ray
+
+            self._handle = ray.get_actor(self.name, namespace=self.namespace)
+        return self._handle
+
+    def forget(self) -> None:
+        self._handle = None
+
+
+def _replica_key(replica: Any) -> str:
+    """The id a replica reports to the scheduler: its Serve unique_id."""
+    return str(getattr(replica, "unique_id", replica))
 
 
 class QueueDepthPolicy:
@@ -174,7 +252,9 @@ class QueueDepthPolicy:
 
     Args:
         scheduler_name, scheduler_namespace: the head-node scheduler actor whose
-            global queue to add (None: rely on replica-forwarded and handle queues).
+            global queue to add and which to tell about draining replicas (None:
+            rely on replica-forwarded and handle queues). `{app_name}` in the
+            name is replaced with the deployment's application name.
         scheduler_poll_s: how often to ask it.
         **config: `QueueDepthConfig` fields (min/max come from Serve's bounds).
     """
@@ -187,13 +267,24 @@ class QueueDepthPolicy:
         **config: Any,
     ):
         self.config = QueueDepthConfig.from_dict(config)
-        self._reader = (
-            SchedulerQueueReader.for_actor(scheduler_name, scheduler_namespace, scheduler_poll_s) if scheduler_name else None
-        )
+        self._scheduler_name, self._scheduler_namespace = scheduler_name, scheduler_namespace
+        self._scheduler_poll_s = scheduler_poll_s
+        self._reader: SchedulerQueueReader | None = None
+        self._drains: DrainMarker | None = None
+
+    def _connect(self, app_name: str) -> None:
+        actor = NamedActor(self._scheduler_name.replace("{app_name}", app_name), self._scheduler_namespace)
+        self._reader = SchedulerQueueReader.for_actor(actor, self._scheduler_poll_s)
+        self._drains = DrainMarker.for_actor(actor)
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
         now = ctx.current_time if ctx.current_time is not None else time.time()
-        queue = self._reader.read(now) if self._reader is not None else 0.0
+        if self._scheduler_name and self._reader is None:
+            self._connect(str(ctx.app_name))
+        queue = 0.0
+        if self._reader is not None and self._drains is not None:
+            self._drains.update(_replica_key(r) for r in ctx.running_replicas or [])
+            queue = self._reader.read(now)
         return decide_from_context(self.config, ctx, queue)
 
 

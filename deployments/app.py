@@ -24,6 +24,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
+from cluster.scheduler_actor import DEFAULT_NAMESPACE, scheduler_name
 from deployments.config import INGRESS_NAME, REPLICA_NAME, SERVE_METRIC_ENV, ServeConfig
 from deployments.ingress import Gate, build_openai_app
 from deployments.metrics import RayReplicaMetrics
@@ -136,7 +137,10 @@ def build_app(config: ServeConfig) -> Application:
         max_queued_requests=max(1, config.max_queue_len),
         # Follows the head-node scheduler's choice (GenerateRequest.replica_hint); pow2 without one.
         request_router_config=RequestRouterConfig(request_router_class=SCHEDULED_ROUTER),
-        graceful_shutdown_timeout_s=config.graceful_shutdown_s,
+        # A stopping replica (scale-down) finishes every request it holds: see replica_graceful_shutdown_s.
+        graceful_shutdown_timeout_s=config.replica_graceful_shutdown_s,
+        # How often Serve checks whether a stopping replica is done (default 2 s): an idle one goes at once.
+        graceful_shutdown_wait_loop_s=0.5,
         health_check_period_s=2.0,
         ray_actor_options={"num_cpus": config.replica_num_cpus, "num_gpus": config.replica_num_gpus, "runtime_env": env},
     )
@@ -147,8 +151,10 @@ def build_app(config: ServeConfig) -> Application:
             config.tensor_parallel_size, config.replica_num_gpus > 0, config.replica_num_cpus
         )
         replica_options["placement_group_strategy"] = config.placement_strategy
-    if config.autoscaling_config is not None:
-        replica_options["autoscaling_config"] = config.autoscaling_config
+    # Queue depth drives the replica count (autoscaling/serve_policy.py), with the app's scheduler queue when it runs.
+    autoscaling = config.replica_autoscaling_config(scheduler_name("{app_name}"), DEFAULT_NAMESPACE)
+    if autoscaling is not None:
+        replica_options["autoscaling_config"] = autoscaling
     else:
         replica_options["num_replicas"] = config.num_replicas
     replica = serve.deployment(ServeModelReplica, **replica_options)

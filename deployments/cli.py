@@ -1,6 +1,7 @@
 """`shardline serve` and `shardline status`, registered into cluster/cli.py.
 
     shardline serve [--model M] [--host 127.0.0.1] [--port 8000] [--num-replicas N]
+                    [--min-replicas A --max-replicas B --target-queue-depth Q]
                     [--num-kv-blocks N] [--routing kv_aware|prefix_approx|pow2|round_robin]
                     [--tenants FILE] [--address ADDR] [--config serve.yaml]
     shardline status [--json] [--address auto]
@@ -28,6 +29,9 @@ _CONFIG_FLAGS = {
     "dtype": "dtype",
     "max_model_len": "max_model_len",
     "num_replicas": "num_replicas",
+    "min_replicas": "min_replicas",
+    "max_replicas": "max_replicas",
+    "target_queue_depth": "target_queue_depth",
     "num_kv_blocks": "num_kv_blocks",
     "max_num_seqs": "max_num_seqs",
     "max_queue_len": "max_queue_len",
@@ -53,6 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
     p.add_argument("--num-replicas", type=int, help="ModelReplica count (default 1)")
+    p.add_argument("--min-replicas", type=int, help="autoscaling: fewest replicas (default 1; 0 scales to zero when idle)")
+    p.add_argument("--max-replicas", type=int, help="autoscale on queue depth up to this many replicas")
+    p.add_argument("--target-queue-depth", type=float, help="autoscaling: requests (running + waiting) per replica (default 3)")
     p.add_argument("--num-kv-blocks", type=int, help="KV cache blocks per replica")
     p.add_argument("--max-num-seqs", type=int, help="running batch size per replica")
     p.add_argument("--max-queue-len", type=int, help="waiting requests per replica before 429")

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from autoscaling.policy import QueueDepthConfig
 from cluster.placement import POLICIES
 
 # Names of the Serve application and its two deployments.
@@ -20,13 +21,21 @@ APP_NAME = "shardline"
 INGRESS_NAME = "OpenAIIngress"
 REPLICA_NAME = "ModelReplica"
 
-# Serve reads these at import time in every replica, proxy and handle: short
-# intervals make replicas report load to the controller within about a second
-# (the defaults are 10 s). Names as in ray/serve/_private/constants.py, Ray 2.60.
+# How often replicas and handles push autoscaling metrics to Serve's controller
+# (Serve's default is 10 s). NOTE: Ray 2.60 defines the environment variables
+# below but does not read them yet; what sets the interval is the deprecated
+# autoscaling_config.metrics_interval_s, which `replica_autoscaling_config`
+# sets to this same value. Names as in ray/serve/_private/constants.py, Ray 2.60.
+METRICS_PUSH_INTERVAL_S = 0.5
 SERVE_METRIC_ENV: dict[str, str] = {
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
 }
+
+
+_POLICY = QueueDepthConfig()
+# ServeConfig fields that set QueueDepthConfig knobs of the same name.
+_POLICY_FIELDS = ("target_queue_depth", "upscale_delay_s", "downscale_delay_s", "downscale_to_zero_delay_s")
 
 
 class ServeConfig(BaseModel):
@@ -62,9 +71,38 @@ class ServeConfig(BaseModel):
     )
 
     # ---- replicas ----------------------------------------------------------
-    num_replicas: int = Field(1, ge=1, description="ModelReplica count (ignored when autoscaling_config is set).")
+    num_replicas: int = Field(1, ge=1, description="ModelReplica count (ignored when autoscaling: max_replicas or autoscaling_config).")
     autoscaling_config: Optional[dict[str, Any]] = Field(
         None, description="Serve autoscaling_config for ModelReplica (min_replicas, max_replicas, ...), passed through."
+    )
+    min_replicas: Optional[int] = Field(
+        None, ge=0, description="Autoscaling: the fewest ModelReplicas (default 1; 0 scales to zero when idle, and "
+        "requests wait for a replica to start). Needs max_replicas."
+    )
+    max_replicas: Optional[int] = Field(
+        None, ge=1, description="Autoscaling on queue depth (autoscaling/policy.py) up to this many ModelReplicas; "
+        "unset: a fixed num_replicas."
+    )
+    target_queue_depth: float = Field(
+        _POLICY.target_queue_depth, gt=0,
+        description="Autoscaling: requests one replica should hold (running + waiting, plus its share of the global queue).",
+    )
+    upscale_delay_s: float = Field(
+        _POLICY.upscale_delay_s, ge=0, description="Autoscaling: how long the queue must stay above target before replicas are added."
+    )
+    downscale_delay_s: float = Field(
+        _POLICY.downscale_delay_s, ge=0, description="Autoscaling: how long the load must stay low before a replica is removed."
+    )
+    downscale_to_zero_delay_s: float = Field(
+        _POLICY.downscale_to_zero_delay_s, ge=0,
+        description="Autoscaling with min_replicas 0: how long without any request before the last replica goes.",
+    )
+    autoscaling_policy: dict[str, Any] = Field(
+        default_factory=dict, description="Autoscaling: more knobs of the queue-depth policy, by name (QueueDepthConfig)."
+    )
+    drain_timeout_s: Optional[float] = Field(
+        None, gt=0, description="How long a stopping ModelReplica (scale-down, redeploy) may take to finish the requests "
+        "it holds before Serve kills it; default: request_timeout_s + 30 s (1 hour without a request timeout).",
     )
     replica_num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each ModelReplica.")
     replica_num_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves for each ModelReplica.")
@@ -105,7 +143,79 @@ class ServeConfig(BaseModel):
             raise ValueError(f"routing must be one of {', '.join(POLICIES)}, got {self.routing!r}")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ValueError(f"placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {self.placement_strategy!r}")
+        self._check_autoscaling()
         return self
+
+    def _check_autoscaling(self) -> None:
+        if self.max_replicas is None:
+            if self.min_replicas is not None or self.autoscaling_policy:
+                raise ValueError("min_replicas and autoscaling_policy need max_replicas (autoscaling on queue depth)")
+            return
+        if self.autoscaling_config is not None:
+            raise ValueError("set max_replicas (queue-depth autoscaling) or autoscaling_config (Serve's, passed through), not both")
+        repeated = set(self.autoscaling_policy) & {"min_replicas", "max_replicas", *_POLICY_FIELDS}
+        if repeated:
+            raise ValueError(f"autoscaling_policy must not set {sorted(repeated)}: they are ServeConfig fields")
+        self.autoscaling  # QueueDepthConfig validates the knobs (ValueError)
+
+    @property
+    def autoscaling(self) -> Optional[QueueDepthConfig]:
+        """The queue-depth policy's knobs; None for a fixed replica count or a passed-through autoscaling_config."""
+        if self.max_replicas is None:
+            return None
+        knobs = dict(self.autoscaling_policy, **{name: getattr(self, name) for name in _POLICY_FIELDS})
+        min_replicas = 1 if self.min_replicas is None else self.min_replicas
+        return QueueDepthConfig.from_dict(dict(knobs, min_replicas=min_replicas, max_replicas=self.max_replicas))
+
+    def replica_autoscaling_config(
+        self, scheduler_name: Optional[str] = None, scheduler_namespace: str = "shardline"
+    ) -> Optional[dict[str, Any]]:
+        """ModelReplica's Serve autoscaling_config, or None for a fixed num_replicas.
+
+        With max_replicas: Serve's custom policy around `autoscaling`
+        (autoscaling/serve_policy.py), metrics pushed every
+        METRICS_PUSH_INTERVAL_S; it adds the global queue of the scheduler
+        actor `scheduler_name` (`{app_name}` is filled in) while that runs.
+        Otherwise the passed-through autoscaling_config, if any.
+        """
+        if self.autoscaling_config is not None:
+            return dict(self.autoscaling_config)
+        policy = self.autoscaling
+        if policy is None:
+            return None
+        from autoscaling.serve_policy import serve_autoscaling_config
+
+        return serve_autoscaling_config(
+            policy,
+            # Up and serving at once even with min_replicas 0; idle, it goes after downscale_to_zero_delay_s.
+            initial_replicas=max(1, policy.min_replicas),
+            push_interval_s=METRICS_PUSH_INTERVAL_S,
+            scheduler_name=scheduler_name,
+            scheduler_namespace=scheduler_namespace,
+        )
+
+    @property
+    def max_model_replicas(self) -> int:
+        """The most ModelReplicas this config may run at once."""
+        if self.max_replicas is not None:
+            return self.max_replicas
+        if self.autoscaling_config is not None:
+            return int(self.autoscaling_config.get("max_replicas", self.num_replicas))
+        return self.num_replicas
+
+    @property
+    def replica_graceful_shutdown_s(self) -> float:
+        """Serve's graceful_shutdown_timeout_s for ModelReplica: long enough to finish every request it holds.
+
+        A replica that a scale-down stops takes no new requests (Serve's
+        routers drop STOPPING replicas) and is killed only once its requests
+        are done or this time is up. Any request ends within the request
+        timeout (the ingress cancels it there), so that plus a margin cuts none.
+        """
+        drain = self.drain_timeout_s
+        if drain is None:
+            drain = 3600.0 if self.request_timeout_s is None else self.request_timeout_s + 30.0
+        return max(drain, self.graceful_shutdown_s)
 
     @property
     def model_name(self) -> str:
@@ -131,10 +241,7 @@ class ServeConfig(BaseModel):
     @property
     def global_queue_limit(self) -> int:
         """Requests the scheduler's global queue holds: `max_queue_len` per replica, at most replicas."""
-        replicas = self.num_replicas
-        if self.autoscaling_config is not None:
-            replicas = int(self.autoscaling_config.get("max_replicas", replicas))
-        return max(1, self.max_queue_len * replicas)
+        return max(1, self.max_queue_len * self.max_model_replicas)
 
     @property
     def replica_max_ongoing_requests(self) -> int:

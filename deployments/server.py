@@ -71,7 +71,7 @@ def start_ray(config: ServeConfig, options: ServerOptions) -> tuple[bool, Option
         ray.init(address=options.address, log_to_driver=False)
         return False, None
     metrics_port = options.metrics_port or free_port()
-    replicas = config.num_replicas if config.autoscaling_config is None else int(config.autoscaling_config.get("max_replicas", 1))
+    replicas = config.max_model_replicas
     kwargs = dict(
         include_dashboard=False,
         num_cpus=max(os.cpu_count() or 1, int(replicas * config.replica_num_cpus + 0.999)),

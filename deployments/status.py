@@ -19,7 +19,11 @@ from typing import Any, Optional
 
 from deployments.config import INGRESS_NAME, REPLICA_NAME
 
-_STARTING = {"STARTING", "UPDATING", "RECOVERING", "PENDING_MIGRATION"}
+# Serve's replica states (ReplicaState, Ray 2.60). A PENDING_MIGRATION replica still
+# serves until its replacement runs; a STOPPING one takes no new requests and
+# finishes those it holds (a scale-down drains it) before it goes.
+_RUNNING = {"RUNNING", "PENDING_MIGRATION"}
+_STARTING = {"STARTING", "UPDATING", "RECOVERING"}
 _DRAINING = {"STOPPING"}
 
 
@@ -39,7 +43,7 @@ def summarize(
         entry: dict[str, Any] = {
             "name": name,
             "status": _plain(d.get("status")),
-            "running_replicas": states.count("RUNNING"),
+            "running_replicas": sum(s in _RUNNING for s in states),
             "starting_replicas": sum(s in _STARTING for s in states),
             "draining_replicas": sum(s in _DRAINING for s in states),
             "target_replicas": int(d.get("target_num_replicas") or 0),

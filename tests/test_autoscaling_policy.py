@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 
 import pytest
 
@@ -405,3 +406,75 @@ def test_scheduler_queue_reader_never_blocks_and_keeps_one_request_in_flight():
 
     broken = SchedulerQueueReader(failing, lambda ref: True, lambda ref: 1.0)
     assert broken.read(0.0) == 0.0 and broken.read(5.0) == 0.0
+
+
+def test_inflight_beyond_the_engine_counts_as_waiting():
+    from autoscaling.serve_policy import load_from_context
+
+    # A burst the engine has not stepped over yet: 9 accepted, the last step saw 2 running, 1 waiting.
+    ctx = _ctx({"num_waiting": [1, 0], "num_running": [2, 3], "num_inflight": [9, 3]})
+    ld = load_from_context(ctx)
+    assert [(r.num_waiting, r.num_running) for r in ld.replicas] == [(7, 2), (0, 3)]
+    assert ld.demand == 12
+
+
+def test_drain_marker_marks_each_replica_that_leaves_once_and_survives_failures():
+    from autoscaling.serve_policy import DrainMarker
+
+    marked: list[str] = []
+    marker = DrainMarker(marked.append)
+    assert marker.update(["a", "b"]) == [] and marked == []  # the first tick only learns the set
+    assert marker.update(["a", "b", "c"]) == []
+    assert marker.update(["a", "c"]) == ["b"] and marked == ["b"]
+    assert marker.update(["a", "c"]) == [] and marked == ["b"]  # once
+    assert marker.update([]) == ["a", "c"] and marked == ["b", "a", "c"]
+
+    def failing(replica_id: str) -> None:
+        raise ValueError(f"unknown replica {replica_id!r}")
+
+    broken = DrainMarker(failing)
+    broken.update(["a"])
+    assert broken.update([]) == ["a"]  # no scheduler: nothing raises into Serve's controller
+
+
+def test_policy_with_a_scheduler_adds_its_queue_and_marks_removed_replicas(monkeypatch):
+    from autoscaling import serve_policy
+
+    class FakeRef:
+        def __init__(self, value):
+            self.value = value
+
+    class FakeScheduler:
+        def __init__(self):
+            self.draining: list[str] = []
+            self.stats = self
+            self.set_draining = self
+
+        def remote(self, *args):
+            if args:
+                self.draining.append(args[0])
+                return None
+            return FakeRef(types.SimpleNamespace(num_queued_interactive=12))
+
+    sched = FakeScheduler()
+    looked_up: list[tuple[str, str]] = []
+
+    def get(self):
+        looked_up.append((self.name, self.namespace))
+        return sched
+
+    monkeypatch.setattr(serve_policy.NamedActor, "get", get)
+    import ray
+
+    monkeypatch.setattr(ray, "wait", lambda refs, timeout: (refs, []))
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: ref.value)
+    pol = serve_policy.QueueDepthPolicy(
+        scheduler_name="sched-{app_name}", scheduler_namespace="ns", scheduler_poll_s=0.5,
+        **dataclasses.replace(BASE, upscale_delay_s=0.0).to_dict(),
+    )
+    idle = {"num_waiting": [0, 0], "num_running": [0, 0]}
+    n, state = pol(_ctx(idle, now=100.0))  # sends the first stats() request
+    n, state = pol(_ctx(idle, now=100.1, state=state))  # reads its answer: 12 queued at the scheduler
+    assert n == 3 and looked_up[0] == ("sched-shardline", "ns")  # ceil(12 / 4)
+    n, state = pol(_ctx({"num_waiting": [0], "num_running": [1]}, current=1, target=2, now=100.2, state=state))
+    assert sched.draining == ["r1"]
