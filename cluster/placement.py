@@ -27,8 +27,14 @@ Policies, selectable by name (`make_policy`):
            + backlog_weight * prefill tokens queued there  # before ours
            + decode_weight * active requests               # decodes sharing each step
            + eviction_weight * tokens of others' cache it would evict
+           + occupancy_weight * share of its pool indexed * prompt tokens
 
-  and the lowest cost wins (ties: fewer blocks indexed, then id). Guard: a
+  and the lowest cost wins (ties: fewer blocks indexed, then id). The
+  occupancy term spreads new prefixes over the cluster's caches: a prompt
+  whose cached prefix is short (a chat template's first block, say) goes to
+  the emptier replica rather than fill the one that matches a few tokens and
+  later evict contexts there; a match covering more than
+  `occupancy_weight` of the prompt always outweighs it. Guard: a
   replica whose active count exceeds the least active replica's by more than
   `balance_abs` and by a factor `balance_rel` is skipped (unless no other
   replica can start the request), so a hot prefix spreads to the next best
@@ -307,6 +313,7 @@ class KVAwarePolicy(PlacementPolicy):
         decode_weight: prefill tokens one active request on a replica is worth.
         backlog_weight: weight of the replica's queued prefill tokens.
         eviction_weight: weight of the cached tokens the prompt would evict there.
+        occupancy_weight: weight of how full the replica's cache is, per prompt token.
         balance_abs, balance_rel: the guard's margins over the least active replica.
         affinity_wait_s: how long a request may wait for its cached replica.
         affinity_min_saving: prefill tokens the wait must save to be worth it.
@@ -320,6 +327,7 @@ class KVAwarePolicy(PlacementPolicy):
         decode_weight: float = 8.0,
         backlog_weight: float = 1.0,
         eviction_weight: float = 0.5,
+        occupancy_weight: float = 0.25,
         balance_abs: float = 8,
         balance_rel: float = 1.5,
         affinity_wait_s: float = 0.25,
@@ -328,6 +336,7 @@ class KVAwarePolicy(PlacementPolicy):
         self.decode_weight = decode_weight
         self.backlog_weight = backlog_weight
         self.eviction_weight = eviction_weight
+        self.occupancy_weight = occupancy_weight
         self.balance_abs = balance_abs
         self.balance_rel = balance_rel
         self.affinity_wait_s = affinity_wait_s
@@ -346,6 +355,7 @@ class KVAwarePolicy(PlacementPolicy):
             + self.backlog_weight * load.num_tokens_in_flight
             + self.decode_weight * load.active
             + self.eviction_weight * evicted_tokens
+            + self.occupancy_weight * min(1.0, view.indexed_blocks / max(1, load.num_blocks)) * request.num_prompt_tokens
         )
 
     def choose(self, request, views, waited_s=0.0):

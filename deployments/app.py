@@ -122,6 +122,10 @@ class OpenAIIngress:
     def num_inflight(self) -> int:
         return self.gate.num_inflight
 
+    def routing_counts(self) -> dict[str, int]:
+        """Requests the scheduler placed, and those routed without it (it was unreachable)."""
+        return {"scheduled": self.router.num_scheduled, "fallback": self.router.num_fallback}
+
     async def replica_stats(self) -> list[dict[str, Any]]:
         """Every ModelReplica's load, as seen from this ingress."""
         return await self.router.replica_stats()

@@ -125,6 +125,16 @@ def test_kv_aware_without_prefix_takes_least_load_then_emptier_cache():
     assert p.choose(req, [view("a", indexed=990), view("b", indexed=100)]) == "b"
 
 
+def test_kv_aware_spreads_new_prefixes_over_the_caches():
+    p = KVAwarePolicy(occupancy_weight=0.25)
+    req = request(256)
+    # a matches only a chat template's first block and is 75% full; b is empty: b takes the new context.
+    assert p.choose(req, [view("a", cached=1, indexed=750), view("b", indexed=0)]) == "b"
+    # A real hit (most of the prompt) outweighs any occupancy.
+    assert p.choose(req, [view("a", cached=14, indexed=990), view("b", indexed=0)]) == "a"
+    assert KVAwarePolicy(occupancy_weight=0.0).choose(req, [view("a", cached=1, indexed=750), view("b")]) == "a"
+
+
 def test_kv_aware_guard_diverts_a_hot_prefix():
     p = KVAwarePolicy(balance_abs=8, balance_rel=1.5)
     req = request(640)
