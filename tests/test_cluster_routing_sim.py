@@ -21,3 +21,23 @@ def test_routing_sim_smoke():
     kv = summary["results"]["kv_aware"]
     assert 0 < kv["hit_rate"] <= kv["oracle_hit_rate"] <= 1
     assert summary["scheduler_capacity"][0]["replicas"] == 2
+
+
+def test_routing_benchmark_workload_oracle_and_figures():
+    """benchmarks/routing.py's pure parts (its cluster run is the benchmark itself)."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.routing import Outcome, Workload, make_arrivals, oracle, summarize
+
+    w = Workload(replicas=3, tenants=6, requests=50, rate=10.0, context_tokens=256)
+    arrivals = make_arrivals(w, vocab=512)
+    assert len(arrivals) == 50 and all(arrivals[i].time < arrivals[i + 1].time for i in range(49))
+    assert all(a.tokens[:256] == arrivals[0].tokens[:256] for a in arrivals if a.tenant == arrivals[0].tenant)
+    assert all(3 <= t < 512 for a in arrivals for t in a.tokens)
+    orc = oracle(w, arrivals)
+    first = {a.tenant: i for i, a in reversed(list(enumerate(arrivals)))}
+    expected = sum(256 for i, a in enumerate(arrivals) if first[a.tenant] != i) / sum(len(a.tokens) for a in arrivals)
+    assert abs(orc["hit_rate"] - expected) < 1e-9 and orc["packable"]  # 2 contexts of 16 blocks in 40 blocks
+    outcomes = [Outcome(0, 0.0, 0.1, 1.0, 100, 50, 10), Outcome(1, 0.5, 0.8, 2.0, 100, 0, 10), Outcome(1, 1.0, error="x")]
+    s = summarize(w, outcomes, oracle_hit=0.5)
+    assert (s["completed"], s["failed"], s["hit_rate"], s["hit_vs_oracle"]) == (2, 1, 0.25, 0.5)
+    assert (s["ttft_p50_s"], s["makespan_s"], s["output_tok_per_s"]) == (0.2, 2.0, 10.0)
