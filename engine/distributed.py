@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from engine.model import AttentionMetadata, Transformer
+from engine.shm_comm import SharedMemoryComm
 from engine.tensor_parallel import ParallelContext, apply_tensor_parallel
 from engine.weights import build_model
 
@@ -157,7 +158,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def init_process_group(spec: WorkerSpec, rank: int) -> ParallelContext:
-    """Join the group (gloo on CPU, NCCL when CUDA is present)."""
+    """Join the group (gloo on CPU, NCCL when CUDA is present).
+
+    On the CPU, when every rank runs on this host, collectives go through
+    shared memory instead (engine.shm_comm); SHARDLINE_TP_SHM=0 turns that off.
+    """
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(
         backend,
@@ -166,7 +171,40 @@ def init_process_group(spec: WorkerSpec, rank: int) -> ParallelContext:
         world_size=spec.world_size,
         timeout=timedelta(seconds=spec.timeout_s),
     )
-    return ParallelContext(rank, spec.world_size)
+    ctx = ParallelContext(rank, spec.world_size)
+    if backend == "gloo" and os.environ.get("SHARDLINE_TP_SHM", "1") != "0":
+        ctx.shm = _open_shared_memory(spec, rank)
+    return ctx
+
+
+def _host_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def _open_shared_memory(spec: WorkerSpec, rank: int) -> SharedMemoryComm | None:
+    """A shared segment for the group if all ranks share this host (a collective: every rank calls it)."""
+    hosts: list[str] = [""] * spec.world_size
+    dist.all_gather_object(hosts, _host_id())
+    if len(set(hosts)) != 1 or not os.path.isdir("/dev/shm"):
+        return None
+    slot_bytes = int(os.environ.get("SHARDLINE_TP_SHM_SLOT_MB", "8")) << 20
+    comm = None
+    names: list[str | None] = [None]
+    if rank == 0:
+        names[0] = f"/dev/shm/shardline-tp-{os.getpid()}-{spec.init_method.rsplit(':', 1)[-1]}"
+        comm = SharedMemoryComm(names[0], rank, spec.world_size, slot_bytes, create=True)
+    dist.broadcast_object_list(names, src=0)
+    if rank != 0:
+        comm = SharedMemoryComm(names[0], rank, spec.world_size, slot_bytes, create=False)
+    dist.barrier()  # every rank has mapped it: the file itself can go
+    if rank == 0:
+        comm.unlink()
+    return comm
 
 
 def build_shard(spec: WorkerSpec, ctx: ParallelContext) -> Transformer:

@@ -41,12 +41,17 @@ class ParallelContext:
     world_size: int
     # torch.distributed group; None is the default group.
     group: Any = None
+    # Shared-memory collectives when every rank is on this host (engine.shm_comm), else None.
+    shm: Any = None
     # Seconds spent in collectives, when a profiler switched it on (None: off).
     comm_seconds: float | None = None
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter() if self.comm_seconds is not None else 0.0
-        dist.all_reduce(t, group=self.group)
+        if self.shm is not None and self.shm.fits(t):
+            self.shm.all_reduce(t)
+        else:
+            dist.all_reduce(t, group=self.group)
         if self.comm_seconds is not None:
             self.comm_seconds += time.perf_counter() - start
         return t
@@ -57,8 +62,11 @@ class ParallelContext:
         width = max(sizes)
         if t.shape[-1] < width:
             t = F.pad(t, (0, width - t.shape[-1]))
-        parts = [torch.empty_like(t) for _ in range(self.world_size)]
-        dist.all_gather(parts, t.contiguous(), group=self.group)
+        if self.shm is not None and self.shm.fits(t):
+            parts = self.shm.all_gather(t)
+        else:
+            parts = [torch.empty_like(t) for _ in range(self.world_size)]
+            dist.all_gather(parts, t.contiguous(), group=self.group)
         out = torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)
         if self.comm_seconds is not None:
             self.comm_seconds += time.perf_counter() - start

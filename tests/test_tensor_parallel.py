@@ -78,3 +78,17 @@ def test_tp_matches_single_rank(case, tp, model_factory):
         torch.testing.assert_close(logits[rid], ref_logits[rid], atol=1e-4, rtol=1e-4)
     # rank 0 holds about 1/tp of the weights (norms and replicated KV heads aside)
     assert shard_bytes < full_bytes / tp * 1.35
+
+
+def test_local_ranks_use_shared_memory_collectives(model_factory):
+    folder = model_factory(**CASES["gqa-even"], with_tokenizer=False)
+    engine = LLMEngine(
+        EngineConfig(model=str(folder), num_kv_blocks=16, block_size=4, tensor_parallel_size=2),
+        launcher=LocalProcessLauncher(),
+    )
+    try:
+        assert engine.tp_group.ctx.shm is not None
+        tokens = run_engine(engine, {"a": [1, 2, 3]}, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+        assert len(tokens["a"]) == 3
+    finally:
+        engine.shutdown()
