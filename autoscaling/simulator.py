@@ -100,7 +100,7 @@ class QueueDepthAutoscaler:
     def __init__(
         self,
         config: QueueDepthConfig,
-        push_interval_s: float = 1.0,
+        push_interval_s: float = 0.5,  # as deployed: deployments.config.METRICS_PUSH_INTERVAL_S
         record_interval_s: float = 0.5,
         control_interval_s: float = 0.5,
         initial: int | None = None,

@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-replicas", type=int, help="ModelReplica count (default 1)")
     p.add_argument("--min-replicas", type=int, help="autoscaling: fewest replicas (default 1; 0 scales to zero when idle)")
     p.add_argument("--max-replicas", type=int, help="autoscale on queue depth up to this many replicas")
-    p.add_argument("--target-queue-depth", type=float, help="autoscaling: requests (running + waiting) per replica (default 3)")
+    p.add_argument("--target-queue-depth", type=float, help="autoscaling: requests (running + waiting) per replica (default 3.25)")
     p.add_argument("--num-kv-blocks", type=int, help="KV cache blocks per replica")
     p.add_argument("--max-num-seqs", type=int, help="running batch size per replica")
     p.add_argument("--max-queue-len", type=int, help="waiting requests per replica before 429")
