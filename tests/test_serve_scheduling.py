@@ -288,3 +288,54 @@ def test_scheduler_config_from_serve_config():
     assert auto.global_queue_limit == 20
     with pytest.raises(ValueError, match="routing must be one of"):
         ServeConfig(routing="random")
+
+
+def test_cli_routing_and_tenants_flags(tmp_path, model_dir):
+    from cluster.cli import main
+    from deployments.cli import build_config
+
+    tenants = tmp_path / "tenants.yaml"
+    tenants.write_text("tenants:\n  - id: acme\n    api_keys: [sk-1]\n    cache_salt: s1\n")
+
+    class Args:
+        config = None
+        model = "b"
+        served_model_name = dtype = max_model_len = num_kv_blocks = max_num_seqs = num_replicas = None
+        request_timeout = grace_period = max_queue_len = host = port = address = None
+        routing = "round_robin"
+        tenants = "tenants.yaml"
+
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        config, _ = build_config(Args)
+    finally:
+        os.chdir(cwd)
+    assert config.routing == "round_robin" and config.tenants_file == str(tenants)  # absolute: replicas run elsewhere
+    # A bad tenants file fails before Ray starts, with exit status 2.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tenants:\n  - id: x\n    weight: -1\n")
+    assert main(["serve", "--model", str(model_dir), "--tenants", str(bad)]) == 2
+    import argparse
+
+    from deployments.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    assert parser.parse_args(["serve", "--routing", "prefix_approx"]).routing == "prefix_approx"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--routing", "random"])
+
+
+def test_status_shows_the_schedulers_global_queue():
+    from deployments.status import render_text, scheduler_summary, summarize
+
+    sched = AsyncScheduler(SchedulerConfig(policy="kv_aware"))
+    sched.core.submit(route_request(request(1, list(range(40))), BLOCK), 0.0)  # no replica yet: it waits
+    details = {"applications": {"a": {"status": "RUNNING", "deployments": {}}}}
+    report = summarize(details, "a", [], scheduler_summary(sched.stats()))
+    assert report["scheduler"]["global_queue"] == 1 and report["scheduler"]["queued_by_tenant"] == {"anonymous": 1}
+    assert "scheduler: kv_aware, global queue 1 (interactive 1, batch 0)" in render_text(report)
+    assert "scheduler: not running" in render_text(summarize(details, "a", []))
