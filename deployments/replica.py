@@ -13,7 +13,10 @@ tests drive it directly. For each request it
 Leaving the stream early (a client disconnect reaches here as CancelledError
 or GeneratorExit at the next await) aborts the engine request, which frees its
 KV blocks. `stats()` and `record_autoscaling_stats()` expose the load that
-routing, autoscaling and `shardline status` read.
+routing, autoscaling and `shardline status` read; `routing_load()` and
+`take_admitted()` are what the replica reports to the head-node scheduler
+(reporter.py), and `on_routing_news` asks for a report as soon as a
+request's prompt blocks are cached or a request ends.
 """
 
 from __future__ import annotations
