@@ -96,13 +96,18 @@ def paged_attention_prefill(
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, offset: int) -> torch.Tensor:
-    """q: [heads, q_len, d]; k, v: [kv_heads, ctx, d]; query i sits at position offset + i."""
+    """q: [heads, q_len, d]; k, v: [kv_heads, ctx, d]; query i sits at position offset + i.
+
+    Inputs go to SDPA with a batch dimension: on the CPU only 4-D inputs take
+    its flash kernel, 3-D ones fall back to the unfused math path.
+    """
     q_len, ctx = q.shape[1], k.shape[1]
+    q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
     if offset == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        return F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale, enable_gqa=True)[0]
     # allowed[i, j]: key j is at or before query i's position
     allowed = torch.arange(ctx, device=q.device)[None, :] <= (torch.arange(q_len, device=q.device)[:, None] + offset)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=True)
+    return F.scaled_dot_product_attention(q4, k4, v4, attn_mask=allowed, scale=scale, enable_gqa=True)[0]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
