@@ -93,7 +93,7 @@ def measure(model: str, samples: int, concurrency: int, max_tokens: int, torch_t
     resolve_model(model)
     os.environ.update(SERVE_METRIC_ENV)
     port = free_port()
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=4, log_to_driver=False)
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=4, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = ServeConfig(

@@ -73,6 +73,7 @@ def start_ray(config: ServeConfig, options: ServerOptions) -> tuple[bool, Option
     metrics_port = options.metrics_port or free_port()
     replicas = config.max_model_replicas
     kwargs = dict(
+        address="local",  # a new cluster, even when another one (`ray start`) runs on this machine
         include_dashboard=False,
         num_cpus=max(os.cpu_count() or 1, int(replicas * config.replica_num_cpus + 0.999)),
         log_to_driver=False,

@@ -234,7 +234,8 @@ def live(tmp_path_factory):
     if ray.is_initialized():
         ray.shutdown()
     port = free_port()
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=4, log_to_driver=False)
+    # address="local": a new cluster even when another one (`ray start`) runs on this machine.
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=4, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = ServeConfig(
