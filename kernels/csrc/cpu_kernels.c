@@ -87,7 +87,9 @@ static inline uint16_t f32_to_bf16(float f) {
         const long per_thread = (long)group * (max_ctx + 1) + 2L * group * head_dim;                    \
         float* buffers = malloc(sizeof(float) * per_thread * num_threads);                             \
         if (!buffers) return 1;                                                                          \
-        _Pragma("omp parallel for num_threads(num_threads) schedule(dynamic, 1)")                       \
+        /* A parallel region costs a barrier: only worth it with enough context to read. */           \
+        const int parallel = (long)num_seqs * num_kv_heads * max_ctx * head_dim > (1L << 16);            \
+        _Pragma("omp parallel for num_threads(num_threads) schedule(dynamic, 1) if(parallel)")          \
         for (long task = 0; task < (long)num_seqs * num_kv_heads; task++) {                              \
             float* scores = buffers + per_thread * omp_get_thread_num();                                 \
             float* qf = scores + (long)group * (max_ctx + 1);                                            \
