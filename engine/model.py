@@ -20,6 +20,7 @@ import torch.nn as nn
 
 import kernels
 from engine.config import ModelConfig
+from engine.memory import hugepage_zeros
 
 
 @dataclass
@@ -90,45 +91,54 @@ class Transformer(nn.Module):
         max_positions = max_positions or config.max_position_embeddings
         rope = build_rope_cache(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
         self.register_buffer("rope_cache", rope, persistent=False)
-        # Whole-layer decode kernels apply (tensor parallelism turns this off: its
+        # Whole-stack decode kernels apply (tensor parallelism turns this off: its
         # layers all-reduce between the matmuls).
         self.fused_decode = True
+        self._decode_stack: kernels.DecodeStack | None = None
 
     def setup_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
         """Allocate each layer's paged K and V tensors: [num_blocks, block_size, kv_heads, head_dim]."""
+        device = self.rope_cache.device
         for layer in self.layers:
             attn = layer.attention
             shape = (num_blocks, block_size, attn.n_kv_heads, attn.head_dim)
-            attn.k_cache = torch.zeros(shape, dtype=dtype, device=self.rope_cache.device)
-            attn.v_cache = torch.zeros(shape, dtype=dtype, device=self.rope_cache.device)
+            if device.type == "cpu":
+                attn.k_cache, attn.v_cache = hugepage_zeros(shape, dtype), hugepage_zeros(shape, dtype)
+            else:
+                attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+                attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [num_tokens]. Returns final hidden states [num_tokens, hidden]."""
         h = self.tok_embeddings(input_ids)
-        residual = None
         num_tokens = input_ids.shape[0]
         if (
             self.fused_decode
             and meta.num_decode_tokens == num_tokens
             and num_tokens <= kernels.fused_decode_max_seqs(input_ids.device)
         ):
-            # A small decode step: one kernel call per layer instead of about ten.
-            for layer in self.layers:
-                h, residual = kernels.decode_layer(
-                    h,
-                    residual,
-                    positions,
-                    meta.slot_mapping,
-                    meta.decode_block_tables,
-                    meta.decode_context_lens,
-                    self.rope_cache,
-                    layer.decode_weights(),
-                )
-        else:
-            for layer in self.layers:
-                h, residual = layer(h, residual, positions, self.rope_cache, meta)
+            # A small decode step: the whole stack in one kernel call instead of about ten per layer.
+            return kernels.decode_model(
+                h,
+                positions,
+                meta.slot_mapping,
+                meta.decode_block_tables,
+                meta.decode_context_lens,
+                self.rope_cache,
+                self.decode_stack(),
+            )
+        residual = None
+        for layer in self.layers:
+            h, residual = layer(h, residual, positions, self.rope_cache, meta)
         h, _ = self.norm(h, residual)
         return h
+
+    def decode_stack(self) -> kernels.DecodeStack:
+        """Every layer's tensors for kernels.decode_model (rebuilt if the KV cache was reallocated)."""
+        layers = [layer.decode_weights() for layer in self.layers]
+        if self._decode_stack is None or any(a is not b for a, b in zip(layers, self._decode_stack.layers)):
+            self._decode_stack = kernels.DecodeStack(layers=layers, final_norm=self.norm.weight)
+        return self._decode_stack
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden] -> fp32 logits [n, vocab]."""

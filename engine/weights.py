@@ -20,6 +20,7 @@ from accelerate import init_empty_weights
 from safetensors import safe_open
 
 from engine.config import ModelConfig
+from engine.memory import move_parameters_to_hugepages
 from engine.model import Transformer
 
 
@@ -154,4 +155,5 @@ def build_model(
         model = Transformer(config, max_positions)
         plan = transform(model, checkpoint_has_lm_head(folder)) if transform else None
     load_weights(model, folder, dtype, plan)
+    move_parameters_to_hugepages(model)
     return model.eval()

@@ -58,6 +58,7 @@ register(
 )
 register("linear", torch_impl=reference.linear, native_impl=cpu_native.linear)
 register("decode_layer", torch_impl=reference.decode_layer, native_impl=cpu_native.decode_layer)
+register("decode_model", torch_impl=reference.decode_model, native_impl=cpu_native.decode_model)
 register("silu_and_mul", torch_impl=reference.silu_and_mul, native_impl=cpu_native.silu_and_mul)
 register("write_kv_cache", torch_impl=reference.write_kv_cache, native_impl=cpu_native.write_kv_cache)
 register(
@@ -119,11 +120,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 DecodeLayerWeights = reference.DecodeLayerWeights
+DecodeStack = reference.DecodeStack
 
 
 def fused_decode_max_seqs(device: torch.device) -> int:
     """The most sequences a decode step may have for `decode_layer` to run as one native call (0: none)."""
-    if resolve("decode_layer", "auto", device) is cpu_native.decode_layer:
+    if resolve("decode_model", "auto", device) is cpu_native.decode_model:
         return cpu_native.SMALL_M
     return 0
 
@@ -142,6 +144,21 @@ def decode_layer(
     """A whole decoder layer for a small decode step (the native version is one call: no per-op overhead)."""
     fn = resolve("decode_layer", impl, hidden.device)
     return fn(hidden, residual, positions, slot_mapping, block_tables, context_lens, rope_cache, weights)
+
+
+def decode_model(
+    hidden: torch.Tensor,
+    positions: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    rope_cache: torch.Tensor,
+    stack: DecodeStack,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Every layer of a small decode step plus the final norm (natively: one call per step)."""
+    fn = resolve("decode_model", impl, hidden.device)
+    return fn(hidden, positions, slot_mapping, block_tables, context_lens, rope_cache, stack)
 
 
 def silu_and_mul(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
@@ -176,7 +193,9 @@ __all__ = [
     "apply_rotary_emb",
     "linear",
     "decode_layer",
+    "decode_model",
     "DecodeLayerWeights",
+    "DecodeStack",
     "silu_and_mul",
     "write_kv_cache",
     "dequant_matmul",

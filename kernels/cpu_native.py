@@ -80,6 +80,9 @@ def _build() -> ctypes.CDLL:
         fn = getattr(lib, f"decode_layer_{suffix}")
         fn.argtypes = [p, p, i] + [p] * 4 + [i] + [p] * 10 + [i] * 7 + [f, f, i]
         fn.restype = ctypes.c_int
+        fn = getattr(lib, f"decode_model_{suffix}")
+        fn.argtypes = [p, i] + [p] * 4 + [i] + [p] * 11 + [i] * 7 + [f, f, i]
+        fn.restype = ctypes.c_int
     return lib
 
 
@@ -408,3 +411,62 @@ def decode_layer(
     if rc != 0:
         raise RuntimeError(f"native decode_layer failed (status {rc})")
     return out, res
+
+
+def _stack_addresses(stack) -> tuple[torch.Tensor, ...]:
+    """Per-kind int64 arrays of every layer's tensor address (built once per stack)."""
+    if stack.prepared is None:
+        kinds = ("attn_norm", "wqkv", "bqkv", "wo", "ffn_norm", "w13", "w2", "k_cache", "v_cache")
+        stack.prepared = tuple(
+            torch.tensor([getattr(w, k).data_ptr() if getattr(w, k) is not None else 0 for w in stack.layers], dtype=torch.int64)
+            for k in kinds
+        )
+    return stack.prepared
+
+
+def decode_model(
+    hidden: torch.Tensor,
+    positions: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    rope_cache: torch.Tensor,
+    stack,
+) -> torch.Tensor:
+    """Same contract as kernels.reference.decode_model, in one native call (up to SMALL_M sequences)."""
+    num_seqs, hidden_size = hidden.shape
+    if num_seqs > SMALL_M:
+        raise ValueError(f"native decode_model takes at most {SMALL_M} sequences, got {num_seqs}")
+    fn = _kernel("decode_model", hidden.dtype)
+    w0 = stack.layers[0]
+    out = hidden.contiguous().clone()
+    tables = block_tables.to(torch.int32).contiguous()
+    lens = context_lens.to(torch.int32).contiguous()
+    pos = positions.to(torch.int64).contiguous()
+    slots = slot_mapping.to(torch.int64).contiguous()
+    addresses = _stack_addresses(stack)
+    rc = fn(
+        out.data_ptr(),
+        len(stack.layers),
+        pos.data_ptr(),
+        slots.data_ptr(),
+        tables.data_ptr(),
+        lens.data_ptr(),
+        tables.shape[1],
+        rope_cache.data_ptr(),
+        *(a.data_ptr() for a in addresses),
+        stack.final_norm.data_ptr(),
+        num_seqs,
+        hidden_size,
+        w0.num_heads,
+        w0.num_kv_heads,
+        w0.head_dim,
+        w0.w2.shape[1],
+        w0.k_cache.shape[1],
+        float(w0.eps),
+        float(w0.scale),
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise RuntimeError(f"native decode_model failed (status {rc})")
+    return out

@@ -218,3 +218,29 @@ def decode_layer(
     hidden = linear(attn.view(num_seqs, q_size), w.wo)
     normed, residual = fused_add_rms_norm(hidden, residual, w.ffn_norm, w.eps)
     return linear(silu_and_mul(linear(normed, w.w13)), w.w2), residual
+
+
+@dataclass
+class DecodeStack:
+    """Every layer's DecodeLayerWeights plus the final norm: a whole model for `decode_model`."""
+
+    layers: list[DecodeLayerWeights]
+    final_norm: torch.Tensor
+    # Whatever a faster implementation precomputes once (the native one: arrays of addresses).
+    prepared: object = None
+
+
+def decode_model(
+    hidden: torch.Tensor,
+    positions: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    rope_cache: torch.Tensor,
+    stack: DecodeStack,
+) -> torch.Tensor:
+    """Every decoder layer of a decode step, then the final norm: embeddings in, normed hidden states out."""
+    residual = None
+    for w in stack.layers:
+        hidden, residual = decode_layer(hidden, residual, positions, slot_mapping, block_tables, context_lens, rope_cache, w)
+    return fused_add_rms_norm(hidden, residual, stack.final_norm, stack.layers[0].eps)[0]
