@@ -281,13 +281,12 @@ def write_kv_cache(
     )
 
 
-# Up to this many rows a matmul streams the weight through the native kernel
-# (kernels/csrc: tiles of 1x8, 2x8 and 4x4 accumulators) instead of torch's
-# GEMM. Measured single-threaded on the 2-vCPU AMD EPYC on the 88M model's
-# projections: bf16 at one row 54-61 GB/s against torch's 22-27 (2.3-2.8x),
-# at four rows about even; fp32 at one row 57-68 against MKL's 50-62, at two
-# to four rows 1.1-1.7x. Beyond four rows torch's GEMM wins.
-SMALL_M = 4
+# Up to this many rows a matmul runs in the native kernel (kernels/csrc: rows
+# streamed one by one up to 4 rows of x, 4x4 register tiles beyond) on the
+# weight itself, which lives on huge pages; beyond, oneDNN on its packed copy.
+# Measured with 2 threads on a cold 4096x768 weight (see the C file): native
+# 2.3x oneDNN at one row, 1.1-1.2x at 8, even at 16-32.
+SMALL_M = 32
 _small_m_ok: dict[torch.dtype, bool] = {}
 
 

@@ -86,6 +86,13 @@ static inline __m512 exp512(__m512 x) {
 DEFINE_ROW_OPS(f32, float, ld16_f32)
 DEFINE_ROW_OPS(bf16, uint16_t, ld16_bf16)
 
+// A K or V row as fp32, converted once per token rather than once per query head.
+static inline const float* row_f32(const float* src, float* buf, int n) { (void)buf; (void)n; return src; }
+static inline const float* row_bf16(const uint16_t* src, float* buf, int n) {
+    for (int i = 0; i < n; i += 16) _mm512_mask_storeu_ps(buf + i, tail16(n - i), ld16_bf16(src + i, tail16(n - i)));
+    return buf;
+}
+
 static inline void softmax_row(float* s, int n) {
     __m512 mv = _mm512_set1_ps(-INFINITY);
     for (int i = 0; i < n; i += 16) mv = _mm512_max_ps(mv, _mm512_mask_loadu_ps(mv, tail16(n - i), s + i));
@@ -117,6 +124,12 @@ static inline void softmax_row(float* s, int n) {
 DEFINE_ROW_OPS(f32, float, LOAD_F32_SCALAR)
 DEFINE_ROW_OPS(bf16, uint16_t, bf16_to_f32)
 
+static inline const float* row_f32(const float* src, float* buf, int n) { (void)buf; (void)n; return src; }
+static inline const float* row_bf16(const uint16_t* src, float* buf, int n) {
+    for (int i = 0; i < n; i++) buf[i] = bf16_to_f32(src[i]);
+    return buf;
+}
+
 static inline void softmax_row(float* s, int n) {
     float m = -INFINITY, sum = 0.f;
     for (int t = 0; t < n; t++) m = s[t] > m ? s[t] : m;
@@ -126,44 +139,47 @@ static inline void softmax_row(float* s, int n) {
 }
 #endif
 
-// Tokens ahead whose K and V rows the decode kernel prefetches.
-#define PREFETCH_TOKENS 8
-
 // One body for both dtypes: ELEM is the storage type, LOAD converts to float.
 #define DEFINE_DECODE(NAME, ELEM, LOAD, STORE, SFX)                                                     \
     static void NAME##_one(const ELEM* q, const ELEM* k_cache, const ELEM* v_cache,                     \
                            const int32_t* table, int32_t ctx, ELEM* out, int kvh, int num_heads,        \
                            int num_kv_heads, int head_dim, int block_size, float scale, float* scores,  \
-                           float* qf, float* acc) {                                                     \
+                           float* qf, float* acc, float* rowf) {                                        \
         const int group = num_heads / num_kv_heads;                                                      \
         const long tok_stride = (long)num_kv_heads * head_dim;                                           \
         for (int g = 0; g < group; g++) {                                                                \
             const ELEM* qh = q + (long)(kvh * group + g) * head_dim;                                     \
             for (int d = 0; d < head_dim; d++) qf[g * head_dim + d] = LOAD(qh[d]) * scale;               \
         }                                                                                                \
-        /* scores[g, t] = q_g . k_t */                                                                   \
-        for (int t = 0; t < ctx; t++) {                                                                  \
-            const ELEM* kp = k_cache + ((long)table[t / block_size] * block_size + t % block_size) *    \
-                                           tok_stride + (long)kvh * head_dim;                            \
-            if (t + PREFETCH_TOKENS < ctx) {                                                             \
-                /* The cache is cold after a layer's weights streamed through: fetch ahead, K and V. */ \
-                const int u = t + PREFETCH_TOKENS;                                                       \
-                const long row = ((long)table[u / block_size] * block_size + u % block_size) * tok_stride + (long)kvh * head_dim; \
-                for (int b = 0; b < head_dim * (int)sizeof(ELEM); b += 64) {                             \
-                    __builtin_prefetch((const char*)(k_cache + row) + b);                                \
-                    __builtin_prefetch((const char*)(v_cache + row) + b);                                \
-                }                                                                                        \
+        /* scores[g, t] = q_g . k_t, block by block (no division per token). The cache is cold */     \
+        /* after a layer's weights streamed through: each block prefetches the next one's K and V. */  \
+        const long head_off = (long)kvh * head_dim;                                                      \
+        const int row_bytes = head_dim * (int)sizeof(ELEM);                                              \
+        for (int b = 0, t = 0; t < ctx; b++) {                                                           \
+            const long base = (long)table[b] * block_size;                                               \
+            const int n = ctx - t < block_size ? ctx - t : block_size;                                   \
+            if (t + n < ctx) {                                                                           \
+                const long next = (long)table[b + 1] * block_size;                                       \
+                for (int i = 0; i < block_size; i++)                                                     \
+                    for (int c = 0; c < row_bytes; c += 64) {                                            \
+                        __builtin_prefetch((const char*)(k_cache + (next + i) * tok_stride + head_off) + c); \
+                        __builtin_prefetch((const char*)(v_cache + (next + i) * tok_stride + head_off) + c); \
+                    }                                                                                    \
             }                                                                                            \
-            for (int g = 0; g < group; g++) {                                                            \
-                scores[(long)g * ctx + t] = dot_##SFX(qf + g * head_dim, kp, head_dim);                  \
+            for (int i = 0; i < n; i++, t++) {                                                           \
+                const float* kf = row_##SFX(k_cache + (base + i) * tok_stride + head_off, rowf, head_dim); \
+                for (int g = 0; g < group; g++) scores[(long)g * ctx + t] = dot_f32(qf + g * head_dim, kf, head_dim); \
             }                                                                                            \
         }                                                                                                \
         for (int g = 0; g < group; g++) softmax_row(scores + (long)g * ctx, ctx);                        \
         memset(acc, 0, sizeof(float) * group * head_dim);                                                \
-        for (int t = 0; t < ctx; t++) {                                                                  \
-            const ELEM* vp = v_cache + ((long)table[t / block_size] * block_size + t % block_size) *    \
-                                           tok_stride + (long)kvh * head_dim;                            \
-            for (int g = 0; g < group; g++) axpy_##SFX(scores[(long)g * ctx + t], vp, acc + g * head_dim, head_dim); \
+        for (int b = 0, t = 0; t < ctx; b++) {                                                           \
+            const long base = (long)table[b] * block_size;                                               \
+            const int n = ctx - t < block_size ? ctx - t : block_size;                                   \
+            for (int i = 0; i < n; i++, t++) {                                                           \
+                const float* vf = row_##SFX(v_cache + (base + i) * tok_stride + head_off, rowf, head_dim); \
+                for (int g = 0; g < group; g++) axpy_f32(scores[(long)g * ctx + t], vf, acc + g * head_dim, head_dim); \
+            }                                                                                            \
         }                                                                                                \
         for (int g = 0; g < group; g++) {                                                                \
             ELEM* oh = out + (long)(kvh * group + g) * head_dim;                                         \
@@ -177,7 +193,7 @@ static inline void softmax_row(float* s, int n) {
         int max_ctx = 0;                                                                                 \
         for (int s = 0; s < num_seqs; s++) max_ctx = context_lens[s] > max_ctx ? context_lens[s] : max_ctx; \
         const int group = num_heads / num_kv_heads;                                                      \
-        const long per_thread = (long)group * (max_ctx + 1) + 2L * group * head_dim;                    \
+        const long per_thread = (long)group * (max_ctx + 1) + 2L * group * head_dim + head_dim + 16;    \
         float* buffers = malloc(sizeof(float) * per_thread * num_threads);                             \
         if (!buffers) return 1;                                                                          \
         /* A parallel region costs a barrier: only worth it with enough context to read. */           \
@@ -187,11 +203,12 @@ static inline void softmax_row(float* s, int n) {
             float* scores = buffers + per_thread * omp_get_thread_num();                                 \
             float* qf = scores + (long)group * (max_ctx + 1);                                            \
             float* acc = qf + group * head_dim;                                                          \
+            float* rowf = acc + group * head_dim;                                                        \
             const int s = (int)(task / num_kv_heads), kvh = (int)(task % num_kv_heads);                  \
             NAME##_one(q + (long)s * num_heads * head_dim, k_cache, v_cache,                             \
                        block_tables + (long)s * max_blocks, context_lens[s],                             \
                        out + (long)s * num_heads * head_dim, kvh, num_heads, num_kv_heads,               \
-                       head_dim, block_size, scale, scores, qf, acc);                                    \
+                       head_dim, block_size, scale, scores, qf, acc, rowf);                              \
         }                                                                                                \
         free(buffers);                                                                                   \
         return 0;                                                                                   \
@@ -314,11 +331,13 @@ void write_kv_cache(const char* key, const char* value, char* k_cache, char* v_c
 // AVX512-BF16 dot products, fp32 uses FMA; both accumulate in fp32.
 // Measured on the 2-vCPU EPYC streaming 100 MB of bf16 weights with 2 threads:
 // row by row 25.5 GB/s, against 19-20 for tiles interleaving 8 weight rows and
-// 22-27 for a plain read of the same bytes.
+// 22-27 for a plain read of the same bytes. A cold 4096x768 weight on huge
+// pages, 2 threads (bf16 / fp32 GB/s): 1 row 25-27 / 28, 8 rows 12 / 18,
+// 32 rows 7 / 9; oneDNN with its packed copy: 11-12 / 16, 11 / 16, 8 / 9.
 //   x: [M, K]; w: [N, K]; bias: [N] or NULL; y: [M, N]; contiguous.
 // Returns 1 (and does nothing) where the CPU lacks the instructions.
 
-#define MAX_SMALL_M 4
+#define MAX_SMALL_M 32
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -337,30 +356,96 @@ static inline __m512 gemv_dot_bf16(__m512 acc, const uint16_t* x, const uint16_t
 #endif
 
 // STEP elements per vector; DOT(acc, x, w, mask) accumulates one vector's products.
+// Up to four rows of x: each thread streams its weight rows front to back with
+// 4 accumulators per row of x. More rows: 4x4 register tiles (4 rows of x by 4
+// weight rows, 16 accumulators); each 4-row weight tile is read from memory
+// once and reused from L1 for every group of 4 rows of x.
 #define DEFINE_SMALL_M(NAME, ELEM, LOAD, STORE, STEP, MASK_T, FULL, DOT)                               \
+    static inline void NAME##_tile4(const ELEM* x, const ELEM* w, float out[4][4], int K) {            \
+        __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, \
+               a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00; \
+        const ELEM *x0 = x, *x1 = x + K, *x2 = x + 2L * K, *x3 = x + 3L * K;                             \
+        const ELEM *w0 = w, *w1 = w + K, *w2 = w + 2L * K, *w3 = w + 3L * K;                             \
+        for (int k = 0; k < K; k += STEP) {                                                              \
+            a00 = DOT(a00, x0 + k, w0 + k, FULL); a01 = DOT(a01, x0 + k, w1 + k, FULL);                  \
+            a02 = DOT(a02, x0 + k, w2 + k, FULL); a03 = DOT(a03, x0 + k, w3 + k, FULL);                  \
+            a10 = DOT(a10, x1 + k, w0 + k, FULL); a11 = DOT(a11, x1 + k, w1 + k, FULL);                  \
+            a12 = DOT(a12, x1 + k, w2 + k, FULL); a13 = DOT(a13, x1 + k, w3 + k, FULL);                  \
+            a20 = DOT(a20, x2 + k, w0 + k, FULL); a21 = DOT(a21, x2 + k, w1 + k, FULL);                  \
+            a22 = DOT(a22, x2 + k, w2 + k, FULL); a23 = DOT(a23, x2 + k, w3 + k, FULL);                  \
+            a30 = DOT(a30, x3 + k, w0 + k, FULL); a31 = DOT(a31, x3 + k, w1 + k, FULL);                  \
+            a32 = DOT(a32, x3 + k, w2 + k, FULL); a33 = DOT(a33, x3 + k, w3 + k, FULL);                  \
+        }                                                                                                \
+        out[0][0] = _mm512_reduce_add_ps(a00); out[0][1] = _mm512_reduce_add_ps(a01);                    \
+        out[0][2] = _mm512_reduce_add_ps(a02); out[0][3] = _mm512_reduce_add_ps(a03);                    \
+        out[1][0] = _mm512_reduce_add_ps(a10); out[1][1] = _mm512_reduce_add_ps(a11);                    \
+        out[1][2] = _mm512_reduce_add_ps(a12); out[1][3] = _mm512_reduce_add_ps(a13);                    \
+        out[2][0] = _mm512_reduce_add_ps(a20); out[2][1] = _mm512_reduce_add_ps(a21);                    \
+        out[2][2] = _mm512_reduce_add_ps(a22); out[2][3] = _mm512_reduce_add_ps(a23);                    \
+        out[3][0] = _mm512_reduce_add_ps(a30); out[3][1] = _mm512_reduce_add_ps(a31);                    \
+        out[3][2] = _mm512_reduce_add_ps(a32); out[3][3] = _mm512_reduce_add_ps(a33);                    \
+    }                                                                                                    \
+    static inline void NAME##_tile(const ELEM* x, const ELEM* w, float out[4][4], int mb, int nb, int K) { \
+        if (mb == 4 && nb == 4 && K % STEP == 0) {                                                       \
+            NAME##_tile4(x, w, out, K);                                                                  \
+            return;                                                                                      \
+        }                                                                                                \
+        __m512 acc[4][4];                                                                                \
+        for (int m = 0; m < 4; m++)                                                                      \
+            for (int r = 0; r < 4; r++) acc[m][r] = _mm512_setzero_ps();                                 \
+        for (int k = 0; k < K; k += STEP) {                                                              \
+            const MASK_T mask = K - k >= STEP ? FULL : (MASK_T)((1ull << (K - k)) - 1);                  \
+            for (int m = 0; m < 4; m++) {                                                                \
+                if (m >= mb) break;                                                                      \
+                for (int r = 0; r < 4; r++)                                                              \
+                    if (r < nb) acc[m][r] = DOT(acc[m][r], x + (long)m * K + k, w + (long)r * K + k, mask); \
+            }                                                                                            \
+        }                                                                                                \
+        for (int m = 0; m < mb; m++)                                                                     \
+            for (int r = 0; r < nb; r++) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);                    \
+    }                                                                                                    \
     int NAME(const ELEM* x, const ELEM* w, const ELEM* bias, ELEM* y, int M, int N, int K, int num_threads) { \
         if (M < 1 || M > MAX_SMALL_M) return 1;                                                          \
-        _Pragma("omp parallel for num_threads(num_threads) schedule(static) if(N > 64)")                \
-        for (int n = 0; n < N; n++) {                                                                    \
-            const ELEM* wr = w + (long)n * K;                                                            \
-            __m512 acc[MAX_SMALL_M][4];                                                                  \
-            for (int m = 0; m < M; m++)                                                                  \
-                for (int u = 0; u < 4; u++) acc[m][u] = _mm512_setzero_ps();                             \
-            int k = 0;                                                                                   \
-            for (; k + 4 * STEP <= K; k += 4 * STEP)                                                     \
-                for (int m = 0; m < M; m++) {                                                            \
-                    const ELEM* xr = x + (long)m * K + k;                                                \
-                    for (int u = 0; u < 4; u++) acc[m][u] = DOT(acc[m][u], xr + u * STEP, wr + k + u * STEP, FULL); \
+        if (M <= 4) {                                                                                    \
+            _Pragma("omp parallel for num_threads(num_threads) schedule(static) if(N > 64)")            \
+            for (int n = 0; n < N; n++) {                                                                \
+                const ELEM* wr = w + (long)n * K;                                                        \
+                __m512 acc[4][4];                                                                        \
+                for (int m = 0; m < M; m++)                                                              \
+                    for (int u = 0; u < 4; u++) acc[m][u] = _mm512_setzero_ps();                         \
+                int k = 0;                                                                               \
+                for (; k + 4 * STEP <= K; k += 4 * STEP)                                                 \
+                    for (int m = 0; m < M; m++) {                                                        \
+                        const ELEM* xr = x + (long)m * K + k;                                            \
+                        for (int u = 0; u < 4; u++) acc[m][u] = DOT(acc[m][u], xr + u * STEP, wr + k + u * STEP, FULL); \
+                    }                                                                                    \
+                for (; k < K; k += STEP) {                                                               \
+                    const MASK_T mask = K - k >= STEP ? FULL : (MASK_T)((1ull << (K - k)) - 1);          \
+                    for (int m = 0; m < M; m++) acc[m][0] = DOT(acc[m][0], x + (long)m * K + k, wr + k, mask); \
                 }                                                                                        \
-            for (; k < K; k += STEP) {                                                                   \
-                const MASK_T mask = K - k >= STEP ? FULL : (MASK_T)((1ull << (K - k)) - 1);              \
-                for (int m = 0; m < M; m++) acc[m][0] = DOT(acc[m][0], x + (long)m * K + k, wr + k, mask); \
+                for (int m = 0; m < M; m++) {                                                            \
+                    float v = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),   \
+                                                                 _mm512_add_ps(acc[m][2], acc[m][3])));  \
+                    if (bias) v += LOAD(bias[n]);                                                        \
+                    y[(long)m * N + n] = STORE(v);                                                       \
+                }                                                                                        \
             }                                                                                            \
-            for (int m = 0; m < M; m++) {                                                                \
-                float v = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),       \
-                                                             _mm512_add_ps(acc[m][2], acc[m][3])));      \
-                if (bias) v += LOAD(bias[n]);                                                            \
-                y[(long)m * N + n] = STORE(v);                                                           \
+            return 0;                                                                                    \
+        }                                                                                                \
+        const int num_tiles = (N + 3) / 4;                                                               \
+        _Pragma("omp parallel for num_threads(num_threads) schedule(static) if(num_tiles > 16)")        \
+        for (int t = 0; t < num_tiles; t++) {                                                            \
+            const int n0 = 4 * t, nb = N - n0 < 4 ? N - n0 : 4;                                          \
+            for (int m0 = 0; m0 < M; m0 += 4) {                                                          \
+                const int mb = M - m0 < 4 ? M - m0 : 4;                                                  \
+                float out[4][4];                                                                         \
+                NAME##_tile(x + (long)m0 * K, w + (long)n0 * K, out, mb, nb, K);                         \
+                for (int m = 0; m < mb; m++)                                                             \
+                    for (int r = 0; r < nb; r++) {                                                       \
+                        float v = out[m][r];                                                             \
+                        if (bias) v += LOAD(bias[n0 + r]);                                               \
+                        y[(long)(m0 + m) * N + n0 + r] = STORE(v);                                       \
+                    }                                                                                    \
             }                                                                                            \
         }                                                                                                \
         return 0;                                                                                        \
