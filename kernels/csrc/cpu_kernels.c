@@ -139,6 +139,91 @@ static inline void softmax_row(float* s, int n) {
 }
 #endif
 
+
+// ---------------------------------------------------------------------------
+// Decode attention for head_dim 64 or 128 (DC = head_dim / 16 vectors per row):
+// each K row is loaded once for all query heads of its group, V rows are
+// converted to fp32 once into a scratch (`vbuf`, ctx x head_dim, L2-resident),
+// and each head's output accumulates in registers over the whole context.
+#if defined(__AVX512F__)
+static inline void store16_f32(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+#if defined(__AVX512BF16__)
+static inline void store16_bf16(uint16_t* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v)); }
+#else
+static inline void store16_bf16(uint16_t* p, __m512 v) {
+    float tmp[16];
+    _mm512_storeu_ps(tmp, v);
+    for (int i = 0; i < 16; i++) p[i] = f32_to_bf16(tmp[i]);
+}
+#endif
+
+#define DEFINE_FAST_ATTEND(SFX, ELEM, LD, DC)                                                           \
+    static void attend_##SFX##_##DC(const ELEM* q, const ELEM* k_cache, const ELEM* v_cache,            \
+                                    const int32_t* table, int ctx, ELEM* out, int kvh, int group,       \
+                                    int num_kv_heads, int block_size, float scale, float* scores,       \
+                                    float* qf, float* vbuf) {                                           \
+        const int D = DC * 16;                                                                           \
+        const long tok_stride = (long)num_kv_heads * D, head_off = (long)kvh * D;                        \
+        const __m512 sc = _mm512_set1_ps(scale);                                                         \
+        for (int g = 0; g < group; g++)                                                                  \
+            for (int c = 0; c < DC; c++)                                                                 \
+                _mm512_storeu_ps(qf + g * D + 16 * c,                                                     \
+                                 _mm512_mul_ps(LD(q + (long)(kvh * group + g) * D + 16 * c, 0xffff), sc)); \
+        for (int b = 0, t = 0; t < ctx; b++) {                                                           \
+            const long base = (long)table[b] * block_size;                                               \
+            const int n = ctx - t < block_size ? ctx - t : block_size;                                   \
+            if (t + n < ctx) {                                                                           \
+                const long next = (long)table[b + 1] * block_size;                                       \
+                for (int i = 0; i < block_size; i++)                                                     \
+                    for (int c = 0; c < D * (int)sizeof(ELEM); c += 64) {                                \
+                        __builtin_prefetch((const char*)(k_cache + (next + i) * tok_stride + head_off) + c); \
+                        __builtin_prefetch((const char*)(v_cache + (next + i) * tok_stride + head_off) + c); \
+                    }                                                                                    \
+            }                                                                                            \
+            for (int i = 0; i < n; i++, t++) {                                                           \
+                const ELEM* kp = k_cache + (base + i) * tok_stride + head_off;                           \
+                const ELEM* vp = v_cache + (base + i) * tok_stride + head_off;                           \
+                __m512 kz[DC];                                                                           \
+                for (int c = 0; c < DC; c++) {                                                           \
+                    kz[c] = LD(kp + 16 * c, 0xffff);                                                     \
+                    _mm512_storeu_ps(vbuf + (long)t * D + 16 * c, LD(vp + 16 * c, 0xffff));              \
+                }                                                                                        \
+                for (int g = 0; g < group; g++) {                                                        \
+                    __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qf + g * D), kz[0]);                        \
+                    for (int c = 1; c < DC; c++) a = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * D + 16 * c), kz[c], a); \
+                    scores[(long)g * ctx + t] = _mm512_reduce_add_ps(a);                                 \
+                }                                                                                        \
+            }                                                                                            \
+        }                                                                                                \
+        for (int g = 0; g < group; g++) {                                                                \
+            float* sg = scores + (long)g * ctx;                                                          \
+            softmax_row(sg, ctx);                                                                        \
+            __m512 o[DC];                                                                                \
+            for (int c = 0; c < DC; c++) o[c] = _mm512_setzero_ps();                                     \
+            for (int t = 0; t < ctx; t++) {                                                              \
+                const __m512 p = _mm512_set1_ps(sg[t]);                                                  \
+                const float* vr = vbuf + (long)t * D;                                                    \
+                for (int c = 0; c < DC; c++) o[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vr + 16 * c), o[c]); \
+            }                                                                                            \
+            ELEM* oh = out + (long)(kvh * group + g) * D;                                                \
+            for (int c = 0; c < DC; c++) store16_##SFX(oh + 16 * c, o[c]);                               \
+        }                                                                                                \
+    }
+DEFINE_FAST_ATTEND(f32, float, ld16_f32, 4)
+DEFINE_FAST_ATTEND(f32, float, ld16_f32, 8)
+DEFINE_FAST_ATTEND(bf16, uint16_t, ld16_bf16, 4)
+DEFINE_FAST_ATTEND(bf16, uint16_t, ld16_bf16, 8)
+#define HAVE_FAST_ATTEND 1
+#endif
+
+#ifdef HAVE_FAST_ATTEND
+// Runs the fast kernel when head_dim allows it; 0 when the generic one must run.
+#define FAST_ATTEND(SFX, D, ...)                                                                         \
+    ((D) == 64 ? (attend_##SFX##_4(__VA_ARGS__), 1) : (D) == 128 ? (attend_##SFX##_8(__VA_ARGS__), 1) : 0)
+#else
+#define FAST_ATTEND(SFX, D, ...) 0
+#endif
+
 // One body for both dtypes: ELEM is the storage type, LOAD converts to float.
 #define DEFINE_DECODE(NAME, ELEM, LOAD, STORE, SFX)                                                     \
     static void NAME##_one(const ELEM* q, const ELEM* k_cache, const ELEM* v_cache,                     \
@@ -193,7 +278,8 @@ static inline void softmax_row(float* s, int n) {
         int max_ctx = 0;                                                                                 \
         for (int s = 0; s < num_seqs; s++) max_ctx = context_lens[s] > max_ctx ? context_lens[s] : max_ctx; \
         const int group = num_heads / num_kv_heads;                                                      \
-        const long per_thread = (long)group * (max_ctx + 1) + 2L * group * head_dim + head_dim + 16;    \
+        const long per_thread = (long)group * (max_ctx + 1) + 2L * group * head_dim + head_dim + 16     \
+                                + (long)max_ctx * head_dim;                                              \
         float* buffers = malloc(sizeof(float) * per_thread * num_threads);                             \
         if (!buffers) return 1;                                                                          \
         /* A parallel region costs a barrier: only worth it with enough context to read. */           \
@@ -204,7 +290,13 @@ static inline void softmax_row(float* s, int n) {
             float* qf = scores + (long)group * (max_ctx + 1);                                            \
             float* acc = qf + group * head_dim;                                                          \
             float* rowf = acc + group * head_dim;                                                        \
+            float* vbuf = rowf + head_dim + 16;                                                          \
             const int s = (int)(task / num_kv_heads), kvh = (int)(task % num_kv_heads);                  \
+            if (FAST_ATTEND(SFX, head_dim, q + (long)s * num_heads * head_dim, k_cache, v_cache,         \
+                            block_tables + (long)s * max_blocks, context_lens[s],                        \
+                            out + (long)s * num_heads * head_dim, kvh, group, num_kv_heads, block_size,  \
+                            scale, scores, qf, vbuf))                                                    \
+                continue;                                                                                \
             NAME##_one(q + (long)s * num_heads * head_dim, k_cache, v_cache,                             \
                        block_tables + (long)s * max_blocks, context_lens[s],                             \
                        out + (long)s * num_heads * head_dim, kvh, num_heads, num_kv_heads,               \
@@ -291,22 +383,42 @@ DEFINE_ROTARY(rotary_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
 // (silu's result is rounded to the storage dtype before the product).
 //   x: [num_tokens, 2 * dim] (gate first); out: [num_tokens, dim]
 
-#define DEFINE_SILU_AND_MUL(NAME, ELEM, LOAD, STORE)                                                    \
+#if defined(__AVX512F__)
+// 16 lanes at a time: ROUND emulates the storage dtype's rounding of silu's result.
+static inline __m512 round_f32(__m512 v) { return v; }
+static inline __m512 round_bf16(__m512 v) {
+    uint16_t tmp[16];
+    store16_bf16(tmp, v);
+    return ld16_bf16(tmp, 0xffff);
+}
+#define SILU_VECTOR(ELEM, SFX, gate, up, o, dim)                                                        \
+    int d = 0;                                                                                           \
+    for (; d + 16 <= dim; d += 16) {                                                                     \
+        const __m512 g = ld16_##SFX(gate + d, 0xffff);                                                   \
+        const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g)))); \
+        store16_##SFX(o + d, _mm512_mul_ps(round_##SFX(silu), ld16_##SFX(up + d, 0xffff)));             \
+    }
+#else
+#define SILU_VECTOR(ELEM, SFX, gate, up, o, dim) int d = 0;
+#endif
+
+#define DEFINE_SILU_AND_MUL(NAME, ELEM, LOAD, STORE, SFX)                                               \
     void NAME(const ELEM* x, ELEM* out, int num_tokens, int dim, int num_threads) {                     \
         _Pragma("omp parallel for num_threads(num_threads) if((long)num_tokens * dim > 65536)")         \
         for (int t = 0; t < num_tokens; t++) {                                                          \
             const ELEM* gate = x + (long)t * 2 * dim;                                                   \
             const ELEM* up = gate + dim;                                                                \
             ELEM* o = out + (long)t * dim;                                                              \
-            for (int d = 0; d < dim; d++) {                                                             \
+            SILU_VECTOR(ELEM, SFX, gate, up, o, dim)                                                    \
+            for (; d < dim; d++) {                                                                      \
                 const float g = LOAD(gate[d]);                                                          \
                 o[d] = STORE(LOAD(STORE(g / (1.f + expf(-g)))) * LOAD(up[d]));                          \
             }                                                                                           \
         }                                                                                               \
     }
 
-DEFINE_SILU_AND_MUL(silu_and_mul_f32, float, LOAD_F32, STORE_F32)
-DEFINE_SILU_AND_MUL(silu_and_mul_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+DEFINE_SILU_AND_MUL(silu_and_mul_f32, float, LOAD_F32, STORE_F32, f32)
+DEFINE_SILU_AND_MUL(silu_and_mul_bf16, uint16_t, bf16_to_f32, f32_to_bf16, bf16)
 
 // ---------------------------------------------------------------------------
 // Write each token's K and V into its cache slot.
