@@ -457,6 +457,8 @@ void write_kv_cache(const char* key, const char* value, char* k_cache, char* v_c
 static inline __m512 gemv_fma_f32(__m512 acc, const float* x, const float* w, __mmask16 mask) {
     return _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x), _mm512_maskz_loadu_ps(mask, w), acc);
 }
+static inline __m512 vload_f32(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 vdot_f32(__m512 acc, __m512 x, __m512 w) { return _mm512_fmadd_ps(x, w, acc); }
 #define HAVE_F32_ROWS 1
 #endif
 
@@ -464,6 +466,8 @@ static inline __m512 gemv_fma_f32(__m512 acc, const float* x, const float* w, __
 static inline __m512 gemv_dot_bf16(__m512 acc, const uint16_t* x, const uint16_t* w, __mmask32 mask) {
     return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(mask, x), (__m512bh)_mm512_maskz_loadu_epi16(mask, w));
 }
+static inline __m512i vload_bf16(const uint16_t* p) { return _mm512_loadu_si512(p); }
+static inline __m512 vdot_bf16(__m512 acc, __m512i x, __m512i w) { return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w); }
 #define HAVE_BF16_ROWS 1
 #endif
 
@@ -472,30 +476,21 @@ static inline __m512 gemv_dot_bf16(__m512 acc, const uint16_t* x, const uint16_t
 // 4 accumulators per row of x. More rows: 4x4 register tiles (4 rows of x by 4
 // weight rows, 16 accumulators); each 4-row weight tile is read from memory
 // once and reused from L1 for every group of 4 rows of x.
-#define DEFINE_SMALL_M(NAME, ELEM, LOAD, STORE, STEP, MASK_T, FULL, DOT)                               \
+#define DEFINE_SMALL_M(NAME, ELEM, LOAD, STORE, STEP, MASK_T, FULL, DOT, VEC_T, VLOAD, VDOT)     \
     static inline void NAME##_tile4(const ELEM* x, const ELEM* w, float out[4][4], int K) {            \
-        __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, \
-               a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00; \
-        const ELEM *x0 = x, *x1 = x + K, *x2 = x + 2L * K, *x3 = x + 3L * K;                             \
-        const ELEM *w0 = w, *w1 = w + K, *w2 = w + 2L * K, *w3 = w + 3L * K;                             \
+        /* Each step loads 4 rows of x and 4 weight rows once and makes all 16 products. */           \
+        __m512 acc[4][4];                                                                                \
+        for (int m = 0; m < 4; m++)                                                                      \
+            for (int r = 0; r < 4; r++) acc[m][r] = _mm512_setzero_ps();                                 \
         for (int k = 0; k < K; k += STEP) {                                                              \
-            a00 = DOT(a00, x0 + k, w0 + k, FULL); a01 = DOT(a01, x0 + k, w1 + k, FULL);                  \
-            a02 = DOT(a02, x0 + k, w2 + k, FULL); a03 = DOT(a03, x0 + k, w3 + k, FULL);                  \
-            a10 = DOT(a10, x1 + k, w0 + k, FULL); a11 = DOT(a11, x1 + k, w1 + k, FULL);                  \
-            a12 = DOT(a12, x1 + k, w2 + k, FULL); a13 = DOT(a13, x1 + k, w3 + k, FULL);                  \
-            a20 = DOT(a20, x2 + k, w0 + k, FULL); a21 = DOT(a21, x2 + k, w1 + k, FULL);                  \
-            a22 = DOT(a22, x2 + k, w2 + k, FULL); a23 = DOT(a23, x2 + k, w3 + k, FULL);                  \
-            a30 = DOT(a30, x3 + k, w0 + k, FULL); a31 = DOT(a31, x3 + k, w1 + k, FULL);                  \
-            a32 = DOT(a32, x3 + k, w2 + k, FULL); a33 = DOT(a33, x3 + k, w3 + k, FULL);                  \
+            VEC_T xv[4], wv[4];                                                                          \
+            for (int m = 0; m < 4; m++) xv[m] = VLOAD(x + (long)m * K + k);                              \
+            for (int r = 0; r < 4; r++) wv[r] = VLOAD(w + (long)r * K + k);                              \
+            for (int m = 0; m < 4; m++)                                                                  \
+                for (int r = 0; r < 4; r++) acc[m][r] = VDOT(acc[m][r], xv[m], wv[r]);                   \
         }                                                                                                \
-        out[0][0] = _mm512_reduce_add_ps(a00); out[0][1] = _mm512_reduce_add_ps(a01);                    \
-        out[0][2] = _mm512_reduce_add_ps(a02); out[0][3] = _mm512_reduce_add_ps(a03);                    \
-        out[1][0] = _mm512_reduce_add_ps(a10); out[1][1] = _mm512_reduce_add_ps(a11);                    \
-        out[1][2] = _mm512_reduce_add_ps(a12); out[1][3] = _mm512_reduce_add_ps(a13);                    \
-        out[2][0] = _mm512_reduce_add_ps(a20); out[2][1] = _mm512_reduce_add_ps(a21);                    \
-        out[2][2] = _mm512_reduce_add_ps(a22); out[2][3] = _mm512_reduce_add_ps(a23);                    \
-        out[3][0] = _mm512_reduce_add_ps(a30); out[3][1] = _mm512_reduce_add_ps(a31);                    \
-        out[3][2] = _mm512_reduce_add_ps(a32); out[3][3] = _mm512_reduce_add_ps(a33);                    \
+        for (int m = 0; m < 4; m++)                                                                      \
+            for (int r = 0; r < 4; r++) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);                     \
     }                                                                                                    \
     static inline void NAME##_tile(const ELEM* x, const ELEM* w, float out[4][4], int mb, int nb, int K) { \
         if (mb == 4 && nb == 4 && K % STEP == 0) {                                                       \
@@ -564,7 +559,8 @@ static inline __m512 gemv_dot_bf16(__m512 acc, const uint16_t* x, const uint16_t
     }
 
 #ifdef HAVE_F32_ROWS
-DEFINE_SMALL_M(linear_small_m_f32, float, LOAD_F32, STORE_F32, 16, __mmask16, (__mmask16)0xffff, gemv_fma_f32)
+DEFINE_SMALL_M(linear_small_m_f32, float, LOAD_F32, STORE_F32, 16, __mmask16, (__mmask16)0xffff, gemv_fma_f32,
+               __m512, vload_f32, vdot_f32)
 #else
 int linear_small_m_f32(const float* x, const float* w, const float* bias, float* y, int M, int N, int K, int n) {
     (void)x; (void)w; (void)bias; (void)y; (void)M; (void)N; (void)K; (void)n;
@@ -572,7 +568,8 @@ int linear_small_m_f32(const float* x, const float* w, const float* bias, float*
 }
 #endif
 #ifdef HAVE_BF16_ROWS
-DEFINE_SMALL_M(linear_small_m_bf16, uint16_t, bf16_to_f32, f32_to_bf16, 32, __mmask32, (__mmask32)0xffffffffu, gemv_dot_bf16)
+DEFINE_SMALL_M(linear_small_m_bf16, uint16_t, bf16_to_f32, f32_to_bf16, 32, __mmask32, (__mmask32)0xffffffffu, gemv_dot_bf16,
+               __m512i, vload_bf16, vdot_bf16)
 #else
 int linear_small_m_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int M, int N, int K,
                         int n) {
