@@ -115,7 +115,7 @@ class Transformer(nn.Module):
         if (
             self.fused_decode
             and meta.num_decode_tokens == num_tokens
-            and num_tokens <= kernels.fused_decode_max_seqs(input_ids.device)
+            and num_tokens <= kernels.fused_decode_max_seqs(input_ids.device, self.norm.weight.dtype)
         ):
             # A small decode step: the whole stack in one kernel call instead of about ten per layer.
             return kernels.decode_model(

@@ -123,9 +123,9 @@ DecodeLayerWeights = reference.DecodeLayerWeights
 DecodeStack = reference.DecodeStack
 
 
-def fused_decode_max_seqs(device: torch.device) -> int:
-    """The most sequences a decode step may have for `decode_layer` to run as one native call (0: none)."""
-    if resolve("decode_model", "auto", device) is cpu_native.decode_model:
+def fused_decode_max_seqs(device: torch.device, dtype: torch.dtype) -> int:
+    """The most sequences a decode step may have for `decode_model` to run as one native call (0: none)."""
+    if resolve("decode_model", "auto", device) is cpu_native.decode_model and cpu_native.packed_supported(dtype):
         return cpu_native.SMALL_M
     return 0
 

@@ -74,9 +74,15 @@ def _build() -> ctypes.CDLL:
     lib.write_kv_cache.argtypes = [p] * 5 + [i, l, l, l]
     lib.write_kv_cache.restype = None
     for suffix in ("f32", "bf16"):
-        fn = getattr(lib, f"linear_small_m_{suffix}")
+        fn = getattr(lib, f"linear_packed_{suffix}")
         fn.argtypes = [p] * 4 + [i] * 4
         fn.restype = ctypes.c_int
+        fn = getattr(lib, f"pack_weight_{suffix}")
+        fn.argtypes = [p, p, i, i, i]
+        fn.restype = None
+        fn = getattr(lib, f"packed_numel_{suffix}")
+        fn.argtypes = [i, i]
+        fn.restype = ctypes.c_long
         fn = getattr(lib, f"decode_layer_{suffix}")
         fn.argtypes = [p, p, i] + [p] * 4 + [i] + [p] * 10 + [i] * 7 + [f, f, i]
         fn.restype = ctypes.c_int
@@ -281,70 +287,76 @@ def write_kv_cache(
     )
 
 
-# Up to this many rows a matmul runs in the native kernel (kernels/csrc: rows
-# streamed one by one up to 4 rows of x, 4x4 register tiles beyond) on the
-# weight itself, which lives on huge pages; beyond, oneDNN on its packed copy.
-# Measured with 2 threads on a cold 4096x768 weight (see the C file): native
-# 2.3x oneDNN at one row, 1.1-1.2x at 8, even at 16-32.
+# Decode steps of up to this many sequences run the whole stack natively (decode_model).
 SMALL_M = 32
-_small_m_ok: dict[torch.dtype, bool] = {}
 
-
-def _has_small_m(lib: ctypes.CDLL, dtype: torch.dtype) -> bool:
-    """Whether the library was built with the instructions for this dtype (else it returns 1)."""
-    ok = _small_m_ok.get(dtype)
-    if ok is None:
-        x, w, y = torch.zeros(1, 32, dtype=dtype), torch.zeros(1, 32, dtype=dtype), torch.empty(1, 1, dtype=dtype)
-        ok = _small_m_ok[dtype] = _kernel("linear_small_m", dtype)(x.data_ptr(), w.data_ptr(), None, y.data_ptr(), 1, 1, 32, 1) == 0
-    return ok
-
-
-# oneDNN-packed copies of weights, made on first use for matmuls of more than
-# SMALL_M rows. Measured single-threaded on the 2-vCPU EPYC (K=768, N=4096):
-# torch's F.linear on plain weights reaches 36-60 GFLOP/s in fp32 (MKL) and
-# 103-166 in bf16; oneDNN with the weight reordered once, 57-106 and 178-214.
-# Keyed by the weight's id, dropped when the weight is freed.
+# Weights repacked for linear_packed (kernels/csrc: panels of 64 output columns,
+# K-major), made on first use, on huge pages, dropped with the weight. Measured
+# with 2 threads on the 2-vCPU EPYC, cold 4096x768 bf16 weight, GFLOP/s against
+# oneDNN with its own packed weight: 1 row 26 vs 12, 8 rows 146 vs 70, 32 rows
+# 269 vs 193, 128 rows 364 vs 350, 2048 rows 386 vs 411 (fp32: 15 vs 8, 101 vs
+# 57, 159 vs 144, 176 vs 199, 179 vs 188). One path for every M, one extra copy.
 _packed: dict[int, torch.Tensor] = {}
+_packed_ok: dict[torch.dtype, bool] = {}
 
 
-def _packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
+def _suffix(dtype: torch.dtype) -> str:
+    return "f32" if dtype == torch.float32 else "bf16"
+
+
+def packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """The packed copy of a [N, K] fp32/bf16 weight (None where the native matmul cannot run)."""
     key = id(weight)
     packed = _packed.get(key)
-    if packed is None:
-        if not (torch.backends.mkldnn.is_available() and weight.dim() == 2 and weight.is_contiguous()):
-            return None
-        try:
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-        except RuntimeError:
-            return None
-        _packed[key] = packed
-        weakref.finalize(weight, _packed.pop, key, None)
+    if packed is not None:
+        return packed
+    lib = load()
+    if lib is None or weight.dtype not in (torch.float32, torch.bfloat16) or weight.dim() != 2:
+        return None
+    if not _has_packed(lib, weight.dtype):
+        return None
+    from engine.memory import hugepage_zeros
+
+    n, k = weight.shape
+    sfx = _suffix(weight.dtype)
+    packed = hugepage_zeros((getattr(lib, f"packed_numel_{sfx}")(n, k),), weight.dtype)
+    w = weight.detach().contiguous()
+    getattr(lib, f"pack_weight_{sfx}")(w.data_ptr(), packed.data_ptr(), n, k, torch.get_num_threads())
+    _packed[key] = packed
+    weakref.finalize(weight, _packed.pop, key, None)
     return packed
 
 
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    packed = _packed_weight(weight)
-    if packed is None or torch.is_grad_enabled():
-        return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+def packed_supported(dtype: torch.dtype) -> bool:
+    """Whether the packed native matmul runs for this dtype on this machine."""
+    lib = load()
+    return lib is not None and dtype in (torch.float32, torch.bfloat16) and _has_packed(lib, dtype)
+
+
+def _has_packed(lib: ctypes.CDLL, dtype: torch.dtype) -> bool:
+    """Whether the library was built with the instructions for this dtype (else it returns 1)."""
+    ok = _packed_ok.get(dtype)
+    if ok is None:
+        sfx = _suffix(dtype)
+        x, y = torch.zeros(1, 2, dtype=dtype), torch.empty(1, 1, dtype=dtype)
+        wp = torch.zeros(getattr(lib, f"packed_numel_{sfx}")(1, 2), dtype=dtype)
+        ok = _packed_ok[dtype] = getattr(lib, f"linear_packed_{sfx}")(x.data_ptr(), wp.data_ptr(), None, y.data_ptr(), 1, 1, 2, 1) == 0
+    return ok
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Same contract as F.linear: the native weight-streaming kernel for up to SMALL_M rows,
-    oneDNN with a packed weight beyond."""
-    rows = x.numel() // x.shape[-1] if x.dim() else 0
-    if x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
+    """Same contract as F.linear, through the packed-weight native matmul where it runs."""
+    packed = packed_weight(weight) if x.dtype == weight.dtype and x.numel() else None
+    if packed is None:
         return F.linear(x, weight, bias)
-    lib = load()
-    if rows > SMALL_M or lib is None or not weight.is_contiguous() or not _has_small_m(lib, x.dtype):
-        return _onednn_linear(x, weight, bias)
     out_features, in_features = weight.shape
+    rows = x.numel() // in_features
     x2 = x.reshape(rows, in_features).contiguous()
     y = torch.empty(rows, out_features, dtype=x.dtype)
     b = bias.contiguous() if bias is not None else None
-    _kernel("linear_small_m", x.dtype)(
+    rc = getattr(load(), f"linear_packed_{_suffix(x.dtype)}")(
         x2.data_ptr(),
-        weight.data_ptr(),
+        packed.data_ptr(),
         b.data_ptr() if b is not None else None,
         y.data_ptr(),
         rows,
@@ -352,6 +364,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         in_features,
         torch.get_num_threads(),
     )
+    if rc != 0:
+        raise MemoryError(f"native linear failed (status {rc})")
     return y.view(*x.shape[:-1], out_features)
 
 
@@ -388,12 +402,12 @@ def decode_layer(
         tables.shape[1],
         rope_cache.data_ptr(),
         w.attn_norm.data_ptr(),
-        w.wqkv.data_ptr(),
+        _packed_ptr(w.wqkv),
         w.bqkv.data_ptr() if w.bqkv is not None else None,
-        w.wo.data_ptr(),
+        _packed_ptr(w.wo),
         w.ffn_norm.data_ptr(),
-        w.w13.data_ptr(),
-        w.w2.data_ptr(),
+        _packed_ptr(w.w13),
+        _packed_ptr(w.w2),
         w.k_cache.data_ptr(),
         w.v_cache.data_ptr(),
         num_seqs,
@@ -416,11 +430,25 @@ def _stack_addresses(stack) -> tuple[torch.Tensor, ...]:
     """Per-kind int64 arrays of every layer's tensor address (built once per stack)."""
     if stack.prepared is None:
         kinds = ("attn_norm", "wqkv", "bqkv", "wo", "ffn_norm", "w13", "w2", "k_cache", "v_cache")
+        projections = ("wqkv", "wo", "w13", "w2")
+
+        def address(w, kind: str) -> int:
+            t = getattr(w, kind)
+            if t is None:
+                return 0
+            return _packed_ptr(t) if kind in projections else t.data_ptr()
+
         stack.prepared = tuple(
-            torch.tensor([getattr(w, k).data_ptr() if getattr(w, k) is not None else 0 for w in stack.layers], dtype=torch.int64)
-            for k in kinds
+            torch.tensor([address(w, k) for w in stack.layers], dtype=torch.int64) for k in kinds
         )
     return stack.prepared
+
+
+def _packed_ptr(weight: torch.Tensor) -> int:
+    packed = packed_weight(weight)
+    if packed is None:
+        raise RuntimeError("the native decode kernels need the packed matmul (AVX-512 for fp32, AVX512-BF16 for bf16)")
+    return packed.data_ptr()
 
 
 def decode_model(

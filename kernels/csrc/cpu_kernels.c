@@ -435,145 +435,174 @@ void write_kv_cache(const char* key, const char* value, char* k_cache, char* v_c
 }
 
 // ---------------------------------------------------------------------------
-// Small-batch linear: y = x @ w.T (+ bias) for a few rows of x (decode at
-// small batch). The matmul is then a stream over the weight. Each thread walks
-// its share of weight rows one row at a time, front to back (the hardware
-// prefetcher follows that stream best), with 4 independent accumulators per
-// row of x to hide the dot-product latency; x's rows stay in L1. bf16 uses
-// AVX512-BF16 dot products, fp32 uses FMA; both accumulate in fp32.
-// Measured on the 2-vCPU EPYC streaming 100 MB of bf16 weights with 2 threads:
-// row by row 25.5 GB/s, against 19-20 for tiles interleaving 8 weight rows and
-// 22-27 for a plain read of the same bytes. A cold 4096x768 weight on huge
-// pages, 2 threads (bf16 / fp32 GB/s): 1 row 25-27 / 28, 8 rows 12 / 18,
-// 32 rows 7 / 9; oneDNN with its packed copy: 11-12 / 16, 11 / 16, 8 / 9.
-//   x: [M, K]; w: [N, K]; bias: [N] or NULL; y: [M, N]; contiguous.
-// Returns 1 (and does nothing) where the CPU lacks the instructions.
+// Packed-weight matmul: y[M, N] = x[M, K] @ w[N, K].T (+ bias), for any M.
+// Weights are repacked once into panels of 64 output columns, K-major inside a
+// panel, so that 64 outputs accumulate in 4 vectors with no horizontal sums and
+// each panel streams front to back:
+//   fp32: w[64p + j, k]        at [p][k][j]       (K x 64 per panel)
+//   bf16: w[64p + j, 2i + e]   at [p][i][j][e]    (ceil(K/2) x 64 x 2: AVX512-BF16 pairs)
+// Columns past N and an odd K's last element are zero. Up to 4 rows of x go
+// through a panel at once (4 x 4 accumulators); a panel (K x 64) stays in L2
+// while every row of x passes through it.
 
-#define MAX_SMALL_M 32
+#define PANEL 64
+
+long packed_numel_f32(int N, int K) { return (long)((N + PANEL - 1) / PANEL) * K * PANEL; }
+long packed_numel_bf16(int N, int K) { return (long)((N + PANEL - 1) / PANEL) * ((K + 1) / 2) * PANEL * 2; }
+
+void pack_weight_f32(const float* w, float* out, int N, int K, int num_threads) {
+    const int P = (N + PANEL - 1) / PANEL;
+    _Pragma("omp parallel for num_threads(num_threads) schedule(static)")
+    for (int p = 0; p < P; p++)
+        for (int k = 0; k < K; k++)
+            for (int j = 0; j < PANEL; j++) {
+                const int n = p * PANEL + j;
+                out[((long)p * K + k) * PANEL + j] = n < N ? w[(long)n * K + k] : 0.f;
+            }
+}
+
+void pack_weight_bf16(const uint16_t* w, uint16_t* out, int N, int K, int num_threads) {
+    const int P = (N + PANEL - 1) / PANEL, K2 = (K + 1) / 2;
+    _Pragma("omp parallel for num_threads(num_threads) schedule(static)")
+    for (int p = 0; p < P; p++)
+        for (int i = 0; i < K2; i++)
+            for (int j = 0; j < PANEL; j++)
+                for (int e = 0; e < 2; e++) {
+                    const int n = p * PANEL + j, k = 2 * i + e;
+                    out[(((long)p * K2 + i) * PANEL + j) * 2 + e] = (n < N && k < K) ? w[(long)n * K + k] : 0;
+                }
+}
 
 #if defined(__AVX512F__)
-#include <immintrin.h>
-
-static inline __m512 gemv_fma_f32(__m512 acc, const float* x, const float* w, __mmask16 mask) {
-    return _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x), _mm512_maskz_loadu_ps(mask, w), acc);
+static inline void panel_f32(const float* x, long ldx, int mr, const float* panel, int K, __m512 acc[4][4]) {
+    for (int m = 0; m < 4; m++)
+        for (int j = 0; j < 4; j++) acc[m][j] = _mm512_setzero_ps();
+#define PANEL_F32_BODY(MR)                                                                              \
+    for (int k = 0; k < K; k++) {                                                                        \
+        const float* pw = panel + (long)k * PANEL;                                                       \
+        const __m512 w0 = _mm512_loadu_ps(pw), w1 = _mm512_loadu_ps(pw + 16);                            \
+        const __m512 w2 = _mm512_loadu_ps(pw + 32), w3 = _mm512_loadu_ps(pw + 48);                       \
+        for (int m = 0; m < MR; m++) {                                                                   \
+            const __m512 xb = _mm512_set1_ps(x[m * ldx + k]);                                            \
+            acc[m][0] = _mm512_fmadd_ps(xb, w0, acc[m][0]);                                              \
+            acc[m][1] = _mm512_fmadd_ps(xb, w1, acc[m][1]);                                              \
+            acc[m][2] = _mm512_fmadd_ps(xb, w2, acc[m][2]);                                              \
+            acc[m][3] = _mm512_fmadd_ps(xb, w3, acc[m][3]);                                              \
+        }                                                                                                \
+    }
+    switch (mr) {
+        case 1: PANEL_F32_BODY(1) break;
+        case 2: PANEL_F32_BODY(2) break;
+        case 3: PANEL_F32_BODY(3) break;
+        default: PANEL_F32_BODY(4) break;
+    }
 }
-static inline __m512 vload_f32(const float* p) { return _mm512_loadu_ps(p); }
-static inline __m512 vdot_f32(__m512 acc, __m512 x, __m512 w) { return _mm512_fmadd_ps(x, w, acc); }
-#define HAVE_F32_ROWS 1
+static inline void store_panel_f32(float* y, long ldy, int mr, int cols, const float* bias, __m512 acc[4][4]) {
+    for (int j = 0; j < 4; j++) {
+        const int c = cols - 16 * j;
+        if (c <= 0) break;
+        const __mmask16 mask = tail16(c);
+        const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + 16 * j) : _mm512_setzero_ps();
+        for (int m = 0; m < mr; m++) _mm512_mask_storeu_ps(y + m * ldy + 16 * j, mask, _mm512_add_ps(acc[m][j], b));
+    }
+}
+#define HAVE_PACKED_F32 1
 #endif
 
 #if defined(__AVX512BF16__)
-static inline __m512 gemv_dot_bf16(__m512 acc, const uint16_t* x, const uint16_t* w, __mmask32 mask) {
-    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(mask, x), (__m512bh)_mm512_maskz_loadu_epi16(mask, w));
+static inline void panel_bf16(const uint16_t* x, long ldx, int mr, const uint16_t* panel, int K2, __m512 acc[4][4]) {
+    for (int m = 0; m < 4; m++)
+        for (int j = 0; j < 4; j++) acc[m][j] = _mm512_setzero_ps();
+#define PANEL_BF16_BODY(MR)                                                                             \
+    for (int i = 0; i < K2; i++) {                                                                       \
+        const uint16_t* pw = panel + (long)i * PANEL * 2;                                                \
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(pw), w1 = (__m512bh)_mm512_loadu_si512(pw + 32); \
+        const __m512bh w2 = (__m512bh)_mm512_loadu_si512(pw + 64), w3 = (__m512bh)_mm512_loadu_si512(pw + 96); \
+        for (int m = 0; m < MR; m++) {                                                                   \
+            int32_t pair;                                                                                \
+            memcpy(&pair, x + m * ldx + 2 * i, 4);                                                       \
+            const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);                                       \
+            acc[m][0] = _mm512_dpbf16_ps(acc[m][0], xb, w0);                                             \
+            acc[m][1] = _mm512_dpbf16_ps(acc[m][1], xb, w1);                                             \
+            acc[m][2] = _mm512_dpbf16_ps(acc[m][2], xb, w2);                                             \
+            acc[m][3] = _mm512_dpbf16_ps(acc[m][3], xb, w3);                                             \
+        }                                                                                                \
+    }
+    switch (mr) {
+        case 1: PANEL_BF16_BODY(1) break;
+        case 2: PANEL_BF16_BODY(2) break;
+        case 3: PANEL_BF16_BODY(3) break;
+        default: PANEL_BF16_BODY(4) break;
+    }
 }
-static inline __m512i vload_bf16(const uint16_t* p) { return _mm512_loadu_si512(p); }
-static inline __m512 vdot_bf16(__m512 acc, __m512i x, __m512i w) { return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w); }
-#define HAVE_BF16_ROWS 1
+static inline void store_panel_bf16(uint16_t* y, long ldy, int mr, int cols, const float* bias, __m512 acc[4][4]) {
+    for (int j = 0; j < 4; j++) {
+        const int c = cols - 16 * j;
+        if (c <= 0) break;
+        const __mmask16 mask = tail16(c);
+        const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + 16 * j) : _mm512_setzero_ps();
+        for (int m = 0; m < mr; m++)
+            _mm256_mask_storeu_epi16(y + m * ldy + 16 * j, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[m][j], b)));
+    }
+}
+#define HAVE_PACKED_BF16 1
 #endif
 
-// STEP elements per vector; DOT(acc, x, w, mask) accumulates one vector's products.
-// Up to four rows of x: each thread streams its weight rows front to back with
-// 4 accumulators per row of x. More rows: 4x4 register tiles (4 rows of x by 4
-// weight rows, 16 accumulators); each 4-row weight tile is read from memory
-// once and reused from L1 for every group of 4 rows of x.
-#define DEFINE_SMALL_M(NAME, ELEM, LOAD, STORE, STEP, MASK_T, FULL, DOT, VEC_T, VLOAD, VDOT)     \
-    static inline void NAME##_tile4(const ELEM* x, const ELEM* w, float out[4][4], int K) {            \
-        /* Each step loads 4 rows of x and 4 weight rows once and makes all 16 products. */           \
-        __m512 acc[4][4];                                                                                \
-        for (int m = 0; m < 4; m++)                                                                      \
-            for (int r = 0; r < 4; r++) acc[m][r] = _mm512_setzero_ps();                                 \
-        for (int k = 0; k < K; k += STEP) {                                                              \
-            VEC_T xv[4], wv[4];                                                                          \
-            for (int m = 0; m < 4; m++) xv[m] = VLOAD(x + (long)m * K + k);                              \
-            for (int r = 0; r < 4; r++) wv[r] = VLOAD(w + (long)r * K + k);                              \
-            for (int m = 0; m < 4; m++)                                                                  \
-                for (int r = 0; r < 4; r++) acc[m][r] = VDOT(acc[m][r], xv[m], wv[r]);                   \
+// The driver: panels split over threads; every 4 rows of x run through a panel.
+#define DEFINE_PACKED_LINEAR(NAME, ELEM, LOAD, SFX, HAVE, KSTEPS)                                      \
+    int NAME(const ELEM* x, const ELEM* wp, const ELEM* bias, ELEM* y, int M, int N, int K, int num_threads) { \
+        if (!HAVE) return 1;                                                                             \
+        const int P = (N + PANEL - 1) / PANEL;                                                           \
+        const ELEM* xs = x;                                                                              \
+        ELEM* padded = 0;                                                                                \
+        if (sizeof(ELEM) == 2 && (K & 1)) { /* bf16 pairs read one past an odd K: pad x */             \
+            padded = calloc((size_t)M * (K + 1), sizeof(ELEM));                                          \
+            if (!padded) return 2;                                                                       \
+            for (int m = 0; m < M; m++) memcpy(padded + (long)m * (K + 1), x + (long)m * K, sizeof(ELEM) * K); \
+            xs = padded;                                                                                 \
         }                                                                                                \
-        for (int m = 0; m < 4; m++)                                                                      \
-            for (int r = 0; r < 4; r++) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);                     \
-    }                                                                                                    \
-    static inline void NAME##_tile(const ELEM* x, const ELEM* w, float out[4][4], int mb, int nb, int K) { \
-        if (mb == 4 && nb == 4 && K % STEP == 0) {                                                       \
-            NAME##_tile4(x, w, out, K);                                                                  \
-            return;                                                                                      \
+        const long ldx = sizeof(ELEM) == 2 && (K & 1) ? K + 1 : K;                                       \
+        float* bf = 0;                                                                                   \
+        if (bias) {                                                                                      \
+            bf = malloc(sizeof(float) * (size_t)P * PANEL);                                              \
+            if (!bf) { free(padded); return 2; }                                                         \
+            for (int n = 0; n < P * PANEL; n++) bf[n] = n < N ? LOAD(bias[n]) : 0.f;                     \
         }                                                                                                \
-        __m512 acc[4][4];                                                                                \
-        for (int m = 0; m < 4; m++)                                                                      \
-            for (int r = 0; r < 4; r++) acc[m][r] = _mm512_setzero_ps();                                 \
-        for (int k = 0; k < K; k += STEP) {                                                              \
-            const MASK_T mask = K - k >= STEP ? FULL : (MASK_T)((1ull << (K - k)) - 1);                  \
-            for (int m = 0; m < 4; m++) {                                                                \
-                if (m >= mb) break;                                                                      \
-                for (int r = 0; r < 4; r++)                                                              \
-                    if (r < nb) acc[m][r] = DOT(acc[m][r], x + (long)m * K + k, w + (long)r * K + k, mask); \
-            }                                                                                            \
-        }                                                                                                \
-        for (int m = 0; m < mb; m++)                                                                     \
-            for (int r = 0; r < nb; r++) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);                    \
-    }                                                                                                    \
-    int NAME(const ELEM* x, const ELEM* w, const ELEM* bias, ELEM* y, int M, int N, int K, int num_threads) { \
-        if (M < 1 || M > MAX_SMALL_M) return 1;                                                          \
-        if (M <= 4) {                                                                                    \
-            _Pragma("omp parallel for num_threads(num_threads) schedule(static) if(N > 64)")            \
-            for (int n = 0; n < N; n++) {                                                                \
-                const ELEM* wr = w + (long)n * K;                                                        \
-                __m512 acc[4][4];                                                                        \
-                for (int m = 0; m < M; m++)                                                              \
-                    for (int u = 0; u < 4; u++) acc[m][u] = _mm512_setzero_ps();                         \
-                int k = 0;                                                                               \
-                for (; k + 4 * STEP <= K; k += 4 * STEP)                                                 \
-                    for (int m = 0; m < M; m++) {                                                        \
-                        const ELEM* xr = x + (long)m * K + k;                                            \
-                        for (int u = 0; u < 4; u++) acc[m][u] = DOT(acc[m][u], xr + u * STEP, wr + k + u * STEP, FULL); \
-                    }                                                                                    \
-                for (; k < K; k += STEP) {                                                               \
-                    const MASK_T mask = K - k >= STEP ? FULL : (MASK_T)((1ull << (K - k)) - 1);          \
-                    for (int m = 0; m < M; m++) acc[m][0] = DOT(acc[m][0], x + (long)m * K + k, wr + k, mask); \
-                }                                                                                        \
-                for (int m = 0; m < M; m++) {                                                            \
-                    float v = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),   \
-                                                                 _mm512_add_ps(acc[m][2], acc[m][3])));  \
-                    if (bias) v += LOAD(bias[n]);                                                        \
-                    y[(long)m * N + n] = STORE(v);                                                       \
+        const long panel_len = (long)(KSTEPS) * PANEL * (sizeof(ELEM) == 2 ? 2 : 1);                      \
+        /* Blocks of rows of x small enough to stay in L2 while every panel passes through them. */    \
+        const int rows_per_block = 256;                                                                   \
+        for (int b0 = 0; b0 < M; b0 += rows_per_block) {                                                 \
+            const int b1 = M - b0 < rows_per_block ? M : b0 + rows_per_block;                            \
+            _Pragma("omp parallel for num_threads(num_threads) schedule(static) if((long)(b1 - b0) * N * K > (1L << 18))") \
+            for (int p = 0; p < P; p++) {                                                                \
+                const ELEM* panel = wp + p * panel_len;                                                  \
+                const int cols = N - p * PANEL < PANEL ? N - p * PANEL : PANEL;                          \
+                for (int m0 = b0; m0 < b1; m0 += 4) {                                                    \
+                    const int mr = b1 - m0 < 4 ? b1 - m0 : 4;                                            \
+                    __m512 acc[4][4];                                                                    \
+                    panel_##SFX(xs + m0 * ldx, ldx, mr, panel, KSTEPS, acc);                             \
+                    store_panel_##SFX(y + (long)m0 * N + p * PANEL, N, mr, cols, bf ? bf + p * PANEL : 0, acc); \
                 }                                                                                        \
             }                                                                                            \
-            return 0;                                                                                    \
         }                                                                                                \
-        const int num_tiles = (N + 3) / 4;                                                               \
-        _Pragma("omp parallel for num_threads(num_threads) schedule(static) if(num_tiles > 16)")        \
-        for (int t = 0; t < num_tiles; t++) {                                                            \
-            const int n0 = 4 * t, nb = N - n0 < 4 ? N - n0 : 4;                                          \
-            for (int m0 = 0; m0 < M; m0 += 4) {                                                          \
-                const int mb = M - m0 < 4 ? M - m0 : 4;                                                  \
-                float out[4][4];                                                                         \
-                NAME##_tile(x + (long)m0 * K, w + (long)n0 * K, out, mb, nb, K);                         \
-                for (int m = 0; m < mb; m++)                                                             \
-                    for (int r = 0; r < nb; r++) {                                                       \
-                        float v = out[m][r];                                                             \
-                        if (bias) v += LOAD(bias[n0 + r]);                                               \
-                        y[(long)(m0 + m) * N + n0 + r] = STORE(v);                                       \
-                    }                                                                                    \
-            }                                                                                            \
-        }                                                                                                \
+        free(bf);                                                                                        \
+        free(padded);                                                                                    \
         return 0;                                                                                        \
     }
 
-#ifdef HAVE_F32_ROWS
-DEFINE_SMALL_M(linear_small_m_f32, float, LOAD_F32, STORE_F32, 16, __mmask16, (__mmask16)0xffff, gemv_fma_f32,
-               __m512, vload_f32, vdot_f32)
+#ifdef HAVE_PACKED_F32
+DEFINE_PACKED_LINEAR(linear_packed_f32, float, LOAD_F32, f32, 1, K)
 #else
-int linear_small_m_f32(const float* x, const float* w, const float* bias, float* y, int M, int N, int K, int n) {
-    (void)x; (void)w; (void)bias; (void)y; (void)M; (void)N; (void)K; (void)n;
+int linear_packed_f32(const float* x, const float* wp, const float* b, float* y, int M, int N, int K, int t) {
+    (void)x; (void)wp; (void)b; (void)y; (void)M; (void)N; (void)K; (void)t;
     return 1;
 }
 #endif
-#ifdef HAVE_BF16_ROWS
-DEFINE_SMALL_M(linear_small_m_bf16, uint16_t, bf16_to_f32, f32_to_bf16, 32, __mmask32, (__mmask32)0xffffffffu, gemv_dot_bf16,
-               __m512i, vload_bf16, vdot_bf16)
+#ifdef HAVE_PACKED_BF16
+DEFINE_PACKED_LINEAR(linear_packed_bf16, uint16_t, bf16_to_f32, bf16, 1, (K + 1) / 2)
 #else
-int linear_small_m_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int M, int N, int K,
-                        int n) {
-    (void)x; (void)w; (void)bias; (void)y; (void)M; (void)N; (void)K; (void)n;
+int linear_packed_bf16(const uint16_t* x, const uint16_t* wp, const uint16_t* b, uint16_t* y, int M, int N, int K, int t) {
+    (void)x; (void)wp; (void)b; (void)y; (void)M; (void)N; (void)K; (void)t;
     return 1;
 }
 #endif
@@ -589,6 +618,7 @@ int linear_small_m_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* bi
 //   residual = hidden + residual; normed = rmsnorm(residual)
 //   hidden = (silu(gate) * up)(normed @ w13.T) @ w2.T
 // `hidden` and `residual` are updated in place; `first` means no residual yet.
+// The four projections arrive packed (pack_weight_*), for linear_packed_*.
 
 #define DEFINE_DECODE_LAYER(NAME, ELEM, SFX)                                                            \
     int NAME(ELEM* hidden, ELEM* residual, int first, const int64_t* positions, const int64_t* slots,   \
@@ -613,7 +643,7 @@ int linear_small_m_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* bi
             rms_norm_##SFX(hidden, residual, attn_norm, normed, res2, M, H, eps, num_threads);           \
             memcpy(residual, res2, sizeof(ELEM) * (long)M * H);                                          \
         }                                                                                                \
-        rc |= linear_small_m_##SFX(normed, wqkv, bqkv, qkv, M, qkv_size, H, num_threads);               \
+        rc |= linear_packed_##SFX(normed, wqkv, bqkv, qkv, M, qkv_size, H, num_threads);               \
         rotary_##SFX(qkv, qkv + q_size, positions, rope, q, k, M, num_heads, num_kv_heads, head_dim,    \
                      qkv_size, qkv_size, num_threads);                                                   \
         const long row_bytes = (long)kv_size * sizeof(ELEM);                                             \
@@ -621,12 +651,12 @@ int linear_small_m_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* bi
                        (char*)v_cache, slots, M, row_bytes, row_bytes, (long)qkv_size * sizeof(ELEM));   \
         rc |= paged_decode_##SFX(q, k_cache, v_cache, block_tables, context_lens, attn, M, num_heads,    \
                                  num_kv_heads, head_dim, block_size, max_blocks, scale, num_threads);    \
-        rc |= linear_small_m_##SFX(attn, wo, 0, hidden, M, H, q_size, num_threads);                     \
+        rc |= linear_packed_##SFX(attn, wo, 0, hidden, M, H, q_size, num_threads);                     \
         rms_norm_##SFX(hidden, residual, ffn_norm, normed, res2, M, H, eps, num_threads);                \
         memcpy(residual, res2, sizeof(ELEM) * (long)M * H);                                              \
-        rc |= linear_small_m_##SFX(normed, w13, 0, gu, M, 2 * inter, H, num_threads);                   \
+        rc |= linear_packed_##SFX(normed, w13, 0, gu, M, 2 * inter, H, num_threads);                   \
         silu_and_mul_##SFX(gu, act, M, inter, num_threads);                                              \
-        rc |= linear_small_m_##SFX(act, w2, 0, hidden, M, H, inter, num_threads);                       \
+        rc |= linear_packed_##SFX(act, w2, 0, hidden, M, H, inter, num_threads);                       \
         free(buf);                                                                                       \
         return rc;                                                                                       \
     }
