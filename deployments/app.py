@@ -122,9 +122,16 @@ class OpenAIIngress:
     def num_inflight(self) -> int:
         return self.gate.num_inflight
 
-    def routing_counts(self) -> dict[str, int]:
-        """Requests the scheduler placed, and those routed without it (it was unreachable)."""
-        return {"scheduled": self.router.num_scheduled, "fallback": self.router.num_fallback}
+    def routing_counts(self) -> dict[str, Any]:
+        """Requests the scheduler placed, those routed without it (it was unreachable), and why."""
+        link = self.router.scheduler
+        return {
+            "scheduled": self.router.num_scheduled,
+            "fallback": self.router.num_fallback,
+            "link_up": link is not None and link.available(),
+            "link_failures": link.num_failures if link is not None else 0,
+            "link_error": link.last_error if link is not None else None,
+        }
 
     async def replica_stats(self) -> list[dict[str, Any]]:
         """Every ModelReplica's load, as seen from this ingress."""

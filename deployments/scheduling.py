@@ -83,8 +83,9 @@ class SchedulerLink:
         self._clock = clock
         self._handle: Any = None
         self._down_until = 0.0
-        # Failures since the link was created (for tests and status).
+        # Failures since the link was created, and the last one (for tests and status).
         self.num_failures = 0
+        self.last_error: Optional[str] = None
 
     def available(self) -> bool:
         """False while the link is down after a failure."""
@@ -98,11 +99,9 @@ class SchedulerLink:
             try:
                 handle = self._start() if self._start is not None else get_scheduler(self.name, self.namespace)
             except Exception as e:  # the GCS or the actor's creation failed
-                self._mark_down()
-                raise SchedulerUnavailable(f"scheduler {self.name!r}: {type(e).__name__}: {e}") from e
+                raise self._mark_down(f"scheduler {self.name!r}: {type(e).__name__}: {e}") from e
             if handle is None:
-                self._mark_down()
-                raise SchedulerUnavailable(f"no scheduler named {self.name!r} is running")
+                raise self._mark_down(f"no scheduler named {self.name!r} is running")
             self._handle = handle
         return self._handle
 
@@ -115,8 +114,7 @@ class SchedulerLink:
             ref = getattr(actor, method).remote(*args)
             return await asyncio.wait_for(_awaitable(ref), timeout_s)
         except (RayError, asyncio.TimeoutError) as e:
-            self._mark_down()
-            raise SchedulerUnavailable(f"scheduler {self.name!r}: {method} failed: {type(e).__name__}") from e
+            raise self._mark_down(f"scheduler {self.name!r}: {method} failed: {type(e).__name__}: {e}") from e
 
     def notify(self, method: str, *args: Any) -> None:
         """Send without waiting for the answer (finished, cancel); failures are ignored."""
@@ -125,10 +123,13 @@ class SchedulerLink:
         except Exception:
             pass  # a scheduler that comes back forgets unknown requests anyway
 
-    def _mark_down(self) -> None:
+    def _mark_down(self, error: str) -> SchedulerUnavailable:
+        """Take the link down for `retry_s`; returns the error to raise."""
         self.num_failures += 1
+        self.last_error = error
         self._handle = None  # look it up again: Ray may have restarted it, or it is gone for good
         self._down_until = self._clock() + self.retry_s
+        return SchedulerUnavailable(error)
 
 
 async def _awaitable(ref: Any) -> Any:
