@@ -105,7 +105,9 @@ class ModelReplica:
                 use_gpu=config.replica_num_gpus > 0,
                 cpus_per_rank=config.replica_num_cpus,
             )
-        return AsyncLLMEngine(LLMEngine(engine_config, launcher))
+        engine = LLMEngine(engine_config, launcher)
+        engine.warm_up()
+        return AsyncLLMEngine(engine)
 
     # ---- load ----------------------------------------------------------------
 

@@ -437,6 +437,22 @@ class LLMEngine:
 
     # ---- observability -----------------------------------------------------
 
+    def warm_up(self) -> None:
+        """Run one throwaway request (prefill, then a decode step) before serving.
+
+        The first step pays one-time costs (native kernels loading, allocator
+        growth, lazy initialisation); a server's first user must not. The prompt
+        fills less than one KV block, so nothing enters the prefix cache and no
+        KV event reaches a cluster index.
+        """
+        if self.has_unfinished_requests():
+            raise RuntimeError("warm_up() runs before any request is added")
+        n = max(1, min(self.config.block_size - 2, self.max_model_len - 2))
+        self.add_request("shardline-warm-up", {"prompt_token_ids": [0] * n}, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+        while self.has_unfinished_requests():
+            self.step()
+        self.scheduler.take_events()
+
     def cached_block_hashes(self) -> list[bytes]:
         """Every block hash the prefix cache can hit now (a snapshot for the cluster's index)."""
         return self.scheduler.kv.pool.cached_hashes()

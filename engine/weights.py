@@ -19,6 +19,7 @@ import torch.nn as nn
 from accelerate import init_empty_weights
 from safetensors import safe_open
 
+import kernels
 from engine.config import ModelConfig
 from engine.memory import move_parameters_to_hugepages
 from engine.model import Transformer
@@ -156,4 +157,5 @@ def build_model(
         plan = transform(model, checkpoint_has_lm_head(folder)) if transform else None
     load_weights(model, folder, dtype, plan)
     move_parameters_to_hugepages(model)
+    kernels.prepare_linear_weights(m.weight for m in model.modules() if isinstance(m, nn.Linear))
     return model.eval()

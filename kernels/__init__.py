@@ -9,7 +9,7 @@ first call, so `import kernels` works where triton is not installed.
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -117,6 +117,18 @@ def apply_rotary_emb(
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
     """x @ weight.T + bias (the native CPU version streams bf16 weights at small batch)."""
     return resolve("linear", impl, x.device)(x, weight, bias)
+
+
+def prepare_linear_weights(weights: Iterable[torch.Tensor]) -> int:
+    """Repack linear weights for the native matmul once, at load time, not on the first request.
+
+    Returns how many were packed (0 where `linear` does not run natively for them).
+    """
+    count = 0
+    for w in weights:
+        if resolve("linear", "auto", w.device) is cpu_native.linear and cpu_native.packed_weight(w) is not None:
+            count += 1
+    return count
 
 
 DecodeLayerWeights = reference.DecodeLayerWeights

@@ -199,3 +199,18 @@ def test_detokenizer_keeps_multibyte_characters_whole(llm):
     pieces = [detok.step(t) for t in ids]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_warm_up_leaves_no_trace(model_dir):
+    """A server's warm-up request runs a step but leaves no request, cache entry or KV event behind."""
+    from engine.llm_engine import EngineConfig, LLMEngine
+
+    engine = LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=16, block_size=16))
+    free = engine.stats()["num_free_blocks"]
+    engine.warm_up()
+    assert not engine.has_unfinished_requests()
+    assert engine.cached_block_hashes() == [] and engine.take_kv_events() == []
+    assert engine.stats()["num_free_blocks"] == free
+    with pytest.raises(RuntimeError, match="before any request"):
+        engine.add_request("r", {"prompt_token_ids": [1, 2, 3]})
+        engine.warm_up()
