@@ -103,7 +103,7 @@ class Transformer(nn.Module):
             attn = layer.attention
             shape = (num_blocks, block_size, attn.n_kv_heads, attn.head_dim)
             if device.type == "cpu":
-                attn.k_cache, attn.v_cache = hugepage_zeros(shape, dtype), hugepage_zeros(shape, dtype)
+                attn.k_cache, attn.v_cache = hugepage_zeros(shape, dtype, populate=True), hugepage_zeros(shape, dtype, populate=True)
             else:
                 attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
                 attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
