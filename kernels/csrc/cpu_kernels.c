@@ -214,6 +214,20 @@ DEFINE_FAST_ATTEND(f32, float, ld16_f32, 8)
 DEFINE_FAST_ATTEND(bf16, uint16_t, ld16_bf16, 4)
 DEFINE_FAST_ATTEND(bf16, uint16_t, ld16_bf16, 8)
 #define HAVE_FAST_ATTEND 1
+// Rounds 16 fp32 lanes through the storage dtype, as torch's elementwise ops do.
+static inline __m512 round_f32(__m512 v) { return v; }
+#if defined(__AVX512BF16__)
+static inline __m512 round_bf16(__m512 v) {
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#else
+static inline __m512 round_bf16(__m512 v) {
+    uint16_t tmp[16];
+    store16_bf16(tmp, v);
+    return ld16_bf16(tmp, 0xffff);
+}
+#endif
 #endif
 
 #ifdef HAVE_FAST_ATTEND
@@ -316,7 +330,34 @@ DEFINE_DECODE(paged_decode_bf16, uint16_t, bf16_to_f32, f32_to_bf16, bf16)
 // normalize in fp32, round to the storage dtype, then scale by the weight.
 //   x, residual, out, residual_out: [num_tokens, dim]; weight: [dim]
 
-#define DEFINE_RMS_NORM(NAME, ELEM, LOAD, STORE)                                                        \
+#if defined(__AVX512F__)
+// 16 lanes at a time (dim a multiple of 16); the same roundings as the scalar rows.
+#define RMS_ROW_VECTOR(SFX, xt, res, weight, ot, rt, dim, eps)                                           \
+    if ((dim) % 16 == 0) {                                                                               \
+        __m512 ss = _mm512_setzero_ps();                                                                 \
+        for (int d = 0; d < (dim); d += 16) {                                                            \
+            __m512 v = ld16_##SFX((xt) + d, 0xffff);                                                     \
+            if (res) {                                                                                   \
+                v = round_##SFX(_mm512_add_ps(v, ld16_##SFX((res) + d, 0xffff)));                        \
+                store16_##SFX((rt) + d, v);                                                              \
+            }                                                                                            \
+            ss = _mm512_fmadd_ps(v, v, ss);                                                              \
+        }                                                                                                \
+        const __m512 r = _mm512_set1_ps(1.f / sqrtf(_mm512_reduce_add_ps(ss) / (dim) + (eps)));          \
+        const ELEM_T_##SFX* src = (res) ? (rt) : (xt);                                                   \
+        for (int d = 0; d < (dim); d += 16) {                                                            \
+            const __m512 n = round_##SFX(_mm512_mul_ps(ld16_##SFX(src + d, 0xffff), r));                 \
+            store16_##SFX((ot) + d, _mm512_mul_ps(ld16_##SFX((weight) + d, 0xffff), n));                 \
+        }                                                                                                \
+        continue;                                                                                        \
+    }
+#define ELEM_T_f32 float
+#define ELEM_T_bf16 uint16_t
+#else
+#define RMS_ROW_VECTOR(SFX, xt, res, weight, ot, rt, dim, eps)
+#endif
+
+#define DEFINE_RMS_NORM(NAME, ELEM, LOAD, STORE, SFX)                                                   \
     void NAME(const ELEM* x, const ELEM* residual, const ELEM* weight, ELEM* out, ELEM* residual_out,  \
               int num_tokens, int dim, float eps, int num_threads) {                                    \
         _Pragma("omp parallel for num_threads(num_threads) if(num_tokens > 16)")                        \
@@ -324,11 +365,13 @@ DEFINE_DECODE(paged_decode_bf16, uint16_t, bf16_to_f32, f32_to_bf16, bf16)
             const ELEM* xt = x + (long)t * dim;                                                         \
             ELEM* ot = out + (long)t * dim;                                                             \
             ELEM* rt = residual ? residual_out + (long)t * dim : 0;                                     \
+            const ELEM* res = residual ? residual + (long)t * dim : 0;                                  \
+            RMS_ROW_VECTOR(SFX, xt, res, weight, ot, rt, dim, eps)                                      \
             float ss = 0.f;                                                                             \
             for (int d = 0; d < dim; d++) {                                                             \
                 float v = LOAD(xt[d]);                                                                  \
                 if (residual) {                                                                         \
-                    ELEM sum = STORE(v + LOAD(residual[(long)t * dim + d]));                            \
+                    ELEM sum = STORE(v + LOAD(res[d]));                                                 \
                     rt[d] = sum;                                                                        \
                     v = LOAD(sum);                                                                      \
                 }                                                                                       \
@@ -340,8 +383,8 @@ DEFINE_DECODE(paged_decode_bf16, uint16_t, bf16_to_f32, f32_to_bf16, bf16)
         }                                                                                               \
     }
 
-DEFINE_RMS_NORM(rms_norm_f32, float, LOAD_F32, STORE_F32)
-DEFINE_RMS_NORM(rms_norm_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+DEFINE_RMS_NORM(rms_norm_f32, float, LOAD_F32, STORE_F32, f32)
+DEFINE_RMS_NORM(rms_norm_bf16, uint16_t, bf16_to_f32, f32_to_bf16, bf16)
 
 // ---------------------------------------------------------------------------
 // Rotary embedding (half-split layout) of q and k, written to q_out and k_out.
@@ -385,12 +428,6 @@ DEFINE_ROTARY(rotary_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
 
 #if defined(__AVX512F__)
 // 16 lanes at a time: ROUND emulates the storage dtype's rounding of silu's result.
-static inline __m512 round_f32(__m512 v) { return v; }
-static inline __m512 round_bf16(__m512 v) {
-    uint16_t tmp[16];
-    store16_bf16(tmp, v);
-    return ld16_bf16(tmp, 0xffff);
-}
 #define SILU_VECTOR(ELEM, SFX, gate, up, o, dim)                                                        \
     int d = 0;                                                                                           \
     for (; d + 16 <= dim; d += 16) {                                                                     \
