@@ -38,7 +38,17 @@ def paged_case(num_seqs, num_heads, num_kv_heads, head_dim, block_size, dtype, s
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "num_seqs, num_heads, num_kv_heads, head_dim, block_size",
-    [(1, 4, 4, 64, 16), (5, 6, 2, 24, 4), (3, 9, 3, 64, 16), (7, 4, 1, 32, 8), (2, 12, 4, 128, 16)],
+    [
+        (1, 4, 4, 64, 16),
+        (5, 6, 2, 24, 4),
+        (3, 9, 3, 64, 16),
+        (7, 4, 1, 32, 8),
+        (2, 12, 4, 128, 16),
+        # Whole sequences per task, query groups wider than the register tile, odd block sizes.
+        (9, 16, 2, 64, 16),
+        (6, 8, 1, 128, 8),
+        (5, 14, 2, 64, 5),
+    ],
 )
 def test_paged_decode_matches_reference(dtype, num_seqs, num_heads, num_kv_heads, head_dim, block_size):
     q, k, v, tables, lens = paged_case(num_seqs, num_heads, num_kv_heads, head_dim, block_size, dtype)

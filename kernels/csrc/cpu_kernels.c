@@ -141,10 +141,7 @@ static inline void softmax_row(float* s, int n) {
 
 
 // ---------------------------------------------------------------------------
-// Decode attention for head_dim 64 or 128 (DC = head_dim / 16 vectors per row):
-// each K row is loaded once for all query heads of its group, V rows are
-// converted to fp32 once into a scratch (`vbuf`, ctx x head_dim, L2-resident),
-// and each head's output accumulates in registers over the whole context.
+// Fast decode attention for head_dim 64 and 128 (AVX-512), below.
 #if defined(__AVX512F__)
 static inline void store16_f32(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 #if defined(__AVX512BF16__)
@@ -157,57 +154,139 @@ static inline void store16_bf16(uint16_t* p, __m512 v) {
 }
 #endif
 
-#define DEFINE_FAST_ATTEND(SFX, ELEM, LD, DC)                                                           \
-    static void attend_##SFX##_##DC(const ELEM* q, const ELEM* k_cache, const ELEM* v_cache,            \
-                                    const int32_t* table, int ctx, ELEM* out, int kvh, int group,       \
-                                    int num_kv_heads, int block_size, float scale, float* scores,       \
-                                    float* qf, float* vbuf) {                                           \
-        const int D = DC * 16;                                                                           \
-        const long tok_stride = (long)num_kv_heads * D, head_off = (long)kvh * D;                        \
-        const __m512 sc = _mm512_set1_ps(scale);                                                         \
-        for (int g = 0; g < group; g++)                                                                  \
-            for (int c = 0; c < DC; c++)                                                                 \
-                _mm512_storeu_ps(qf + g * D + 16 * c,                                                     \
-                                 _mm512_mul_ps(LD(q + (long)(kvh * group + g) * D + 16 * c, 0xffff), sc)); \
-        for (int b = 0, t = 0; t < ctx; b++) {                                                           \
-            const long base = (long)table[b] * block_size;                                               \
-            const int n = ctx - t < block_size ? ctx - t : block_size;                                   \
-            if (t + n < ctx) {                                                                           \
-                const long next = (long)table[b + 1] * block_size;                                       \
-                for (int i = 0; i < block_size; i++)                                                     \
-                    for (int c = 0; c < D * (int)sizeof(ELEM); c += 64) {                                \
-                        __builtin_prefetch((const char*)(k_cache + (next + i) * tok_stride + head_off) + c); \
-                        __builtin_prefetch((const char*)(v_cache + (next + i) * tok_stride + head_off) + c); \
-                    }                                                                                    \
-            }                                                                                            \
-            for (int i = 0; i < n; i++, t++) {                                                           \
-                const ELEM* kp = k_cache + (base + i) * tok_stride + head_off;                           \
-                const ELEM* vp = v_cache + (base + i) * tok_stride + head_off;                           \
-                __m512 kz[DC];                                                                           \
-                for (int c = 0; c < DC; c++) {                                                           \
-                    kz[c] = LD(kp + 16 * c, 0xffff);                                                     \
-                    _mm512_storeu_ps(vbuf + (long)t * D + 16 * c, LD(vp + 16 * c, 0xffff));              \
-                }                                                                                        \
-                for (int g = 0; g < group; g++) {                                                        \
-                    __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qf + g * D), kz[0]);                        \
-                    for (int c = 1; c < DC; c++) a = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * D + 16 * c), kz[c], a); \
-                    scores[(long)g * ctx + t] = _mm512_reduce_add_ps(a);                                 \
-                }                                                                                        \
-            }                                                                                            \
-        }                                                                                                \
-        for (int g = 0; g < group; g++) {                                                                \
-            float* sg = scores + (long)g * ctx;                                                          \
-            softmax_row(sg, ctx);                                                                        \
-            __m512 o[DC];                                                                                \
-            for (int c = 0; c < DC; c++) o[c] = _mm512_setzero_ps();                                     \
-            for (int t = 0; t < ctx; t++) {                                                              \
-                const __m512 p = _mm512_set1_ps(sg[t]);                                                  \
-                const float* vr = vbuf + (long)t * D;                                                    \
-                for (int c = 0; c < DC; c++) o[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vr + 16 * c), o[c]); \
-            }                                                                                            \
-            ELEM* oh = out + (long)(kvh * group + g) * D;                                                \
-            for (int c = 0; c < DC; c++) store16_##SFX(oh + 16 * c, o[c]);                               \
-        }                                                                                                \
+// Sixteen vectors to one: lane i of the result is the sum of v[i]'s lanes
+// (45 shuffles and adds where sixteen separate reductions take about 130).
+static inline __m512 hsum16(const __m512* v) {
+    __m512 x[8], y[4];
+    for (int j = 0; j < 8; j++)
+        x[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]), _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
+    for (int j = 0; j < 4; j++) {
+        const __m512d a = _mm512_castps_pd(x[2 * j]), b = _mm512_castps_pd(x[2 * j + 1]);
+        y[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], 0x88), _mm512_shuffle_f32x4(y[0], y[1], 0xDD));
+    const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(y[2], y[3], 0x88), _mm512_shuffle_f32x4(y[2], y[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
+}
+
+// q . k for one query head and one K row, unscaled. bf16 with AVX512-BF16:
+// vdpbf16ps on the stored pairs (no conversion; products exact in fp32).
+#if defined(__AVX512BF16__)
+#define QK_PREP_bf16(DC, qh, scale, qf) ((void)(qf))
+#define QK_DOT_bf16(DC, qh, qf, row, acc)                                                                \
+    do {                                                                                                 \
+        acc = _mm512_setzero_ps();                                                                       \
+        for (int c = 0; c < (DC) / 2; c++)                                                               \
+            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((qh) + 32 * c),                     \
+                                   (__m512bh)_mm512_loadu_si512((row) + 32 * c));                        \
+    } while (0)
+#define QK_SCALE_bf16(scale) (scale)
+#else
+#define QK_PREP_bf16(DC, qh, scale, qf) QK_PREP_GENERIC(bf16, DC, qh, scale, qf)
+#define QK_DOT_bf16(DC, qh, qf, row, acc) QK_DOT_GENERIC(bf16, DC, qf, row, acc)
+#define QK_SCALE_bf16(scale) 1.f
+#endif
+// Otherwise q is converted and pre-scaled once into qf.
+#define QK_PREP_GENERIC(SFX, DC, qh, scale, qf)                                                          \
+    for (int c = 0; c < (DC); c++)                                                                       \
+        _mm512_storeu_ps((qf) + 16 * c, _mm512_mul_ps(ld16_##SFX((qh) + 16 * c, 0xffff), _mm512_set1_ps(scale)))
+#define QK_PREP_f32(DC, qh, scale, qf) QK_PREP_GENERIC(f32, DC, qh, scale, qf)
+#define QK_DOT_GENERIC(SFX, DC, qf, row, acc)                                                            \
+    do {                                                                                                 \
+        acc = _mm512_mul_ps(_mm512_loadu_ps(qf), ld16_##SFX(row, 0xffff));                               \
+        for (int c = 1; c < (DC); c++) acc = _mm512_fmadd_ps(_mm512_loadu_ps((qf) + 16 * c), ld16_##SFX((row) + 16 * c, 0xffff), acc); \
+    } while (0)
+#define QK_DOT_f32(DC, qh, qf, row, acc) QK_DOT_GENERIC(f32, DC, qf, row, acc)
+#define QK_SCALE_f32(scale) 1.f
+
+// Decode attention for head_dim 64 or 128 (DC = head_dim / 16 vectors per row),
+// one sequence and its kv heads [k0, k1): scores for 16 tokens at a time (one
+// horizontal sum for all 16), the softmax, then P @ V with each V row loaded
+// once for up to 24 / DC query heads whose outputs stay in registers. With all
+// kv heads in one task, a block of 16 tokens is one contiguous stretch of
+// memory, read whole: 3x the bandwidth of reading one head's rows per task.
+#ifndef ATTEND_PREFETCH
+#define ATTEND_PREFETCH 16
+#endif
+#define DEFINE_FAST_ATTEND(SFX, ELEM, LD, DC)                                                            \
+    static void attend_##SFX##_##DC(const ELEM* q, const ELEM* k_cache, const ELEM* v_cache,             \
+                                    const int32_t* table, int ctx, ELEM* out, int k0, int k1, int group, \
+                                    int num_kv_heads, int block_size, float scale, float* scores,        \
+                                    float* qf) {                                                         \
+        enum { D = DC * 16, GT = 24 / DC };                                                              \
+        const long tok_stride = (long)num_kv_heads * D;                                                   \
+        const int row_bytes = (k1 - k0) * D * (int)sizeof(ELEM);                                          \
+        const __m512 sc = _mm512_set1_ps(QK_SCALE_##SFX(scale));                                         \
+        for (int h = k0 * group; h < k1 * group; h++) {                                                   \
+            const ELEM* qh = q + (long)h * D;                                                             \
+            float* qfh = qf + (long)h * D;                                                                \
+            (void)qh; (void)qfh;                                                                          \
+            QK_PREP_##SFX(DC, qh, scale, qfh);                                                            \
+        }                                                                                                 \
+        const ELEM* krows[16];                                                                            \
+        for (int t0 = 0; t0 < ctx; t0 += 16) {                                                            \
+            const int n = ctx - t0 < 16 ? ctx - t0 : 16;                                                  \
+            int b = t0 / block_size, i = t0 % block_size;                                                 \
+            for (int j = 0; j < n; j++) {                                                                 \
+                const long row = ((long)table[b] * block_size + i) * tok_stride + (long)k0 * D;           \
+                krows[j] = k_cache + row;                                                                 \
+                for (int c = 0; c < row_bytes; c += 64) __builtin_prefetch((const char*)(v_cache + row) + c, 0, 1); \
+                if (++i == block_size) i = 0, b++;                                                        \
+            }                                                                                             \
+            if (t0 + ATTEND_PREFETCH < ctx) { /* K rows of a chunk further on */                          \
+                const int ahead = t0 + ATTEND_PREFETCH;                                                   \
+                int nb = ahead / block_size, ni = ahead % block_size;                                     \
+                const int nn = ctx - ahead < 16 ? ctx - ahead : 16;                                       \
+                for (int j = 0; j < nn; j++) {                                                            \
+                    const char* r = (const char*)(k_cache + ((long)table[nb] * block_size + ni) * tok_stride + (long)k0 * D); \
+                    for (int c = 0; c < row_bytes; c += 64) __builtin_prefetch(r + c, 0, 1);                   \
+                    if (++ni == block_size) ni = 0, nb++;                                                 \
+                }                                                                                         \
+            }                                                                                             \
+            for (int kvh = k0; kvh < k1; kvh++) {                                                         \
+                const long koff = (long)(kvh - k0) * D;                                                   \
+                for (int h = kvh * group; h < (kvh + 1) * group; h++) {                                   \
+                    const ELEM* qh = q + (long)h * D;                                                     \
+                    const float* qfh = qf + (long)h * D;                                                  \
+                    (void)qh; (void)qfh;                                                                  \
+                    __m512 acc[16];                                                                       \
+                    for (int j = 0; j < 16; j++) {                                                        \
+                        if (j < n) QK_DOT_##SFX(DC, qh, qfh, krows[j] + koff, acc[j]);                    \
+                        else acc[j] = _mm512_setzero_ps();                                                \
+                    }                                                                                     \
+                    _mm512_mask_storeu_ps(scores + (long)h * ctx + t0, tail16(n), _mm512_mul_ps(hsum16(acc), sc)); \
+                }                                                                                         \
+            }                                                                                             \
+        }                                                                                                 \
+        for (int h = k0 * group; h < k1 * group; h++) softmax_row(scores + (long)h * ctx, ctx);          \
+        for (int kvh = k0; kvh < k1; kvh++) {                                                             \
+            for (int g0 = 0; g0 < group; g0 += GT) {                                                      \
+                const int gn = group - g0 < GT ? group - g0 : GT;                                         \
+                const float* sg = scores + (long)(kvh * group + g0) * ctx;                                \
+                __m512 o[GT][DC];                                                                         \
+                for (int gg = 0; gg < GT; gg++)                                                           \
+                    for (int c = 0; c < DC; c++) o[gg][c] = _mm512_setzero_ps();                          \
+                for (int b = 0, t = 0; t < ctx; b++) {                                                    \
+                    const long base = (long)table[b] * block_size;                                        \
+                    const int nt = ctx - t < block_size ? ctx - t : block_size;                           \
+                    for (int i = 0; i < nt; i++, t++) {                                                   \
+                        const ELEM* vp = v_cache + (base + i) * tok_stride + (long)kvh * D;               \
+                        __m512 vv[DC];                                                                    \
+                        for (int c = 0; c < DC; c++) vv[c] = LD(vp + 16 * c, 0xffff);                     \
+                        for (int gg = 0; gg < GT; gg++) {                                                 \
+                            if (gg < gn) {                                                                \
+                                const __m512 p = _mm512_set1_ps(sg[(long)gg * ctx + t]);                  \
+                                for (int c = 0; c < DC; c++) o[gg][c] = _mm512_fmadd_ps(p, vv[c], o[gg][c]); \
+                            }                                                                             \
+                        }                                                                                 \
+                    }                                                                                     \
+                }                                                                                         \
+                for (int gg = 0; gg < gn; gg++) {                                                         \
+                    ELEM* oh = out + (long)(kvh * group + g0 + gg) * D;                                   \
+                    for (int c = 0; c < DC; c++) store16_##SFX(oh + 16 * c, o[gg][c]);                    \
+                }                                                                                         \
+            }                                                                                             \
+        }                                                                                                 \
     }
 DEFINE_FAST_ATTEND(f32, float, ld16_f32, 4)
 DEFINE_FAST_ATTEND(f32, float, ld16_f32, 8)
@@ -292,29 +371,32 @@ static inline __m512 round_bf16(__m512 v) {
         int max_ctx = 0;                                                                                 \
         for (int s = 0; s < num_seqs; s++) max_ctx = context_lens[s] > max_ctx ? context_lens[s] : max_ctx; \
         const int group = num_heads / num_kv_heads;                                                      \
-        const long per_thread = (long)group * (max_ctx + 1) + 2L * group * head_dim + head_dim + 16     \
-                                + (long)max_ctx * head_dim;                                              \
+        const long per_thread = (long)num_heads * (max_ctx + 1) + 2L * num_heads * head_dim + head_dim + 16; \
         float* buffers = malloc(sizeof(float) * per_thread * num_threads);                             \
         if (!buffers) return 1;                                                                          \
         /* A parallel region costs a barrier: only worth it with enough context to read. */           \
         const int parallel = (long)num_seqs * num_kv_heads * max_ctx * head_dim > (1L << 13);            \
+        /* Whole sequences per task when there are enough of them (contiguous blocks), */              \
+        /* else one kv head per task (parallelism at small batch). */                                   \
+        const int per_task = num_seqs >= 2 * num_threads ? num_kv_heads : 1;                            \
+        const int tasks_per_seq = num_kv_heads / per_task;                                               \
         _Pragma("omp parallel for num_threads(num_threads) schedule(dynamic, 1) if(parallel)")          \
-        for (long task = 0; task < (long)num_seqs * num_kv_heads; task++) {                              \
+        for (long task = 0; task < (long)num_seqs * tasks_per_seq; task++) {                             \
             float* scores = buffers + per_thread * omp_get_thread_num();                                 \
-            float* qf = scores + (long)group * (max_ctx + 1);                                            \
-            float* acc = qf + group * head_dim;                                                          \
-            float* rowf = acc + group * head_dim;                                                        \
-            float* vbuf = rowf + head_dim + 16;                                                          \
-            const int s = (int)(task / num_kv_heads), kvh = (int)(task % num_kv_heads);                  \
+            float* qf = scores + (long)num_heads * (max_ctx + 1);                                        \
+            float* acc = qf + num_heads * head_dim;                                                      \
+            float* rowf = acc + num_heads * head_dim;                                                    \
+            const int s = (int)(task / tasks_per_seq), k0 = (int)(task % tasks_per_seq) * per_task;      \
             if (FAST_ATTEND(SFX, head_dim, q + (long)s * num_heads * head_dim, k_cache, v_cache,         \
                             block_tables + (long)s * max_blocks, context_lens[s],                        \
-                            out + (long)s * num_heads * head_dim, kvh, group, num_kv_heads, block_size,  \
-                            scale, scores, qf, vbuf))                                                    \
+                            out + (long)s * num_heads * head_dim, k0, k0 + per_task, group,             \
+                            num_kv_heads, block_size, scale, scores, qf))                                \
                 continue;                                                                                \
-            NAME##_one(q + (long)s * num_heads * head_dim, k_cache, v_cache,                             \
-                       block_tables + (long)s * max_blocks, context_lens[s],                             \
-                       out + (long)s * num_heads * head_dim, kvh, num_heads, num_kv_heads,               \
-                       head_dim, block_size, scale, scores, qf, acc, rowf);                              \
+            for (int kvh = k0; kvh < k0 + per_task; kvh++)                                               \
+                NAME##_one(q + (long)s * num_heads * head_dim, k_cache, v_cache,                         \
+                           block_tables + (long)s * max_blocks, context_lens[s],                         \
+                           out + (long)s * num_heads * head_dim, kvh, num_heads, num_kv_heads,           \
+                           head_dim, block_size, scale, scores, qf, acc, rowf);                          \
         }                                                                                                \
         free(buffers);                                                                                   \
         return 0;                                                                                   \
