@@ -37,6 +37,7 @@ register(
     "paged_attention_prefill",
     torch_impl=reference.paged_attention_prefill,
     triton_impl=_lazy_triton("triton_attention", "paged_attention_prefill"),
+    native_impl=cpu_native.paged_attention_prefill,
 )
 register(
     "rms_norm",

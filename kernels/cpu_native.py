@@ -62,6 +62,7 @@ def _build() -> ctypes.CDLL:
     p, i, f, l = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_long
     signatures = {
         "paged_decode": ([p] * 6 + [i] * 6 + [f, i], ctypes.c_int),
+        "paged_prefill": ([p] * 7 + [i] * 6 + [f, i], ctypes.c_int),
         "rms_norm": ([p] * 5 + [i, i, f, i], None),
         "rotary": ([p] * 6 + [i] * 4 + [l, l, i], None),
         "silu_and_mul": ([p, p, i, i, i], None),
@@ -166,6 +167,56 @@ def paged_attention_decode(
     )
     if status != 0:
         raise MemoryError("native decode attention could not allocate its scratch space")
+    return out
+
+
+def paged_attention_prefill(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Same contract as kernels.reference.paged_attention_prefill; head dims other than 64
+    and 128 (or a build without AVX-512) run the reference."""
+    num_tokens, num_heads, head_dim = query.shape
+    num_blocks, block_size, num_kv_heads, cache_head_dim = key_cache.shape
+    if key_cache.dtype != query.dtype or value_cache.dtype != query.dtype:
+        raise ValueError("query and caches must share a dtype")
+    if cache_head_dim != head_dim or num_heads % num_kv_heads:
+        raise ValueError(f"bad shapes: query {tuple(query.shape)}, cache {tuple(key_cache.shape)}")
+    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+        raise ValueError("caches must be contiguous")
+    q = query.contiguous()
+    tables = block_tables.to(torch.int32).contiguous()
+    starts = query_start_loc.to(torch.int64).contiguous()
+    lens = context_lens.to(torch.int32).contiguous()
+    out = torch.empty_like(q)
+    status = _kernel("paged_prefill", query.dtype)(
+        q.data_ptr(),
+        key_cache.data_ptr(),
+        value_cache.data_ptr(),
+        tables.data_ptr(),
+        starts.data_ptr(),
+        lens.data_ptr(),
+        out.data_ptr(),
+        lens.shape[0],
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        block_size,
+        tables.shape[1],
+        float(scale),
+        torch.get_num_threads(),
+    )
+    if status == 2:
+        from kernels import reference
+
+        return reference.paged_attention_prefill(query, key_cache, value_cache, block_tables, query_start_loc, context_lens, scale)
+    if status != 0:
+        raise MemoryError("native prefill attention could not allocate its scratch space")
     return out
 
 
@@ -291,7 +342,8 @@ def write_kv_cache(
 SMALL_M = 32
 
 # Weights repacked for linear_packed (kernels/csrc: panels of 64 output columns,
-# K-major), made on first use, on huge pages, dropped with the weight. Measured
+# K-major), made at load time (kernels.prepare_linear_weights) or on first use,
+# on huge pages, dropped with the weight. Measured
 # with 2 threads on the 2-vCPU EPYC, cold 4096x768 bf16 weight, GFLOP/s against
 # oneDNN with its own packed weight: 1 row 26 vs 12, 8 rows 146 vs 70, 32 rows
 # 269 vs 193, 128 rows 364 vs 350, 2048 rows 386 vs 411 (fp32: 15 vs 8, 101 vs
@@ -346,7 +398,8 @@ def _has_packed(lib: ctypes.CDLL, dtype: torch.dtype) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as F.linear, through the packed-weight native matmul where it runs."""
-    packed = packed_weight(weight) if x.dtype == weight.dtype and x.numel() else None
+    differentiable = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    packed = packed_weight(weight) if x.dtype == weight.dtype and x.numel() and not differentiable else None
     if packed is None:
         return F.linear(x, weight, bias)
     out_features, in_features = weight.shape

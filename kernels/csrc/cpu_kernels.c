@@ -408,6 +408,159 @@ DEFINE_DECODE(paged_decode_f32, float, LOAD_F32, STORE_F32, f32)
 DEFINE_DECODE(paged_decode_bf16, uint16_t, bf16_to_f32, f32_to_bf16, bf16)
 
 // ---------------------------------------------------------------------------
+// Prefill attention: causal, variable-length query chunks packed back to back,
+// over each sequence's cached prefix, read in place through its block table.
+//   query, out: [num_tokens, num_heads, head_dim]; query_start_loc: [num_seqs + 1]
+//   context_lens: [num_seqs] tokens cached after this step (prefix plus chunk);
+//   a sequence's queries sit at the last positions of its context.
+// One task = (sequence, kv head, tile of 16 queries): for each query head of the
+// group, scores against 16 keys at a time (one horizontal sum per 16), the
+// softmax of each row up to its own position, then P @ V with each V row loaded
+// once per register tile of query rows. Head dims 64 and 128 (AVX-512); returns
+// 2 for others (the caller runs the torch reference), 1 if scratch allocation fails.
+#ifdef HAVE_FAST_ATTEND
+#define PREFILL_QT 16
+#define DEFINE_PREFILL_TILE(SFX, ELEM, LD, DC)                                                           \
+    static void prefill_tile_##SFX##_##DC(const ELEM* q, const ELEM* k_cache, const ELEM* v_cache,       \
+                                          const int32_t* table, int ctx, int pos0, int nq, ELEM* out,     \
+                                          int kvh, int group, int num_heads, int num_kv_heads,           \
+                                          int block_size, float scale, float* S, float* qf) {             \
+        enum { D = DC * 16, RT = 24 / DC };                                                               \
+        const long tok_stride = (long)num_kv_heads * D, qrow = (long)num_heads * D;                       \
+        const int nkeys = pos0 + nq; /* keys 0 .. last query's position */                                \
+        const __m512 sc = _mm512_set1_ps(QK_SCALE_##SFX(scale));                                          \
+        const ELEM* krows[16];                                                                            \
+        for (int g = 0; g < group; g++) {                                                                 \
+            const int h = kvh * group + g;                                                                \
+            for (int r = 0; r < nq; r++) {                                                                \
+                const ELEM* qh = q + r * qrow + (long)h * D;                                              \
+                float* qfr = qf + (long)r * D;                                                            \
+                (void)qh; (void)qfr;                                                                      \
+                QK_PREP_##SFX(DC, qh, scale, qfr);                                                        \
+            }                                                                                             \
+            for (int t0 = 0; t0 < nkeys; t0 += 16) {                                                      \
+                const int n = nkeys - t0 < 16 ? nkeys - t0 : 16;                                          \
+                int b = t0 / block_size, i = t0 % block_size;                                             \
+                for (int j = 0; j < n; j++) {                                                             \
+                    krows[j] = k_cache + ((long)table[b] * block_size + i) * tok_stride + (long)kvh * D;  \
+                    if (++i == block_size) i = 0, b++;                                                    \
+                }                                                                                         \
+                for (int r = 0; r < nq; r++) {                                                            \
+                    if (t0 > pos0 + r) continue; /* every key of the chunk is in this row's future */    \
+                    const ELEM* qh = q + r * qrow + (long)h * D;                                          \
+                    const float* qfr = qf + (long)r * D;                                                  \
+                    (void)qh; (void)qfr;                                                                  \
+                    __m512 acc[16];                                                               \
+                    for (int j = 0; j < 16; j++) {                                                        \
+                        if (j < n) QK_DOT_##SFX(DC, qh, qfr, krows[j], acc[j]);                           \
+                        else acc[j] = _mm512_setzero_ps();                                                \
+                    }                                                                                     \
+                    _mm512_mask_storeu_ps(S + (long)r * nkeys + t0, tail16(n), _mm512_mul_ps(hsum16(acc), sc)); \
+                }                                                                                         \
+            }                                                                                             \
+            for (int r = 0; r < nq; r++) {                                                                \
+                float* sr = S + (long)r * nkeys;                                                          \
+                softmax_row(sr, pos0 + r + 1);                                                            \
+                for (int t = pos0 + r + 1; t < nkeys; t++) sr[t] = 0.f;                                   \
+            }                                                                                             \
+            for (int r0 = 0; r0 < nq; r0 += RT) {                                                         \
+                const int rn = nq - r0 < RT ? nq - r0 : RT;                                               \
+                const int tend = pos0 + r0 + rn; /* keys any row of this tile sees */                     \
+                __m512 o[RT][DC];                                                                         \
+                for (int rr = 0; rr < RT; rr++)                                                           \
+                    for (int c = 0; c < DC; c++) o[rr][c] = _mm512_setzero_ps();                          \
+                for (int bb = 0, t = 0; t < tend; bb++) {                                                 \
+                    const long base = (long)table[bb] * block_size;                                       \
+                    const int nt = tend - t < block_size ? tend - t : block_size;                         \
+                    for (int ii = 0; ii < nt; ii++, t++) {                                                \
+                        const ELEM* vp = v_cache + (base + ii) * tok_stride + (long)kvh * D;              \
+                        __m512 vv[DC];                                                                    \
+                        for (int c = 0; c < DC; c++) vv[c] = LD(vp + 16 * c, 0xffff);                     \
+                        for (int rr = 0; rr < RT; rr++) {                                                 \
+                            if (rr < rn) {                                                                \
+                                const __m512 p = _mm512_set1_ps(S[(long)(r0 + rr) * nkeys + t]);          \
+                                for (int c = 0; c < DC; c++) o[rr][c] = _mm512_fmadd_ps(p, vv[c], o[rr][c]); \
+                            }                                                                             \
+                        }                                                                                 \
+                    }                                                                                     \
+                }                                                                                         \
+                for (int rr = 0; rr < rn; rr++) {                                                         \
+                    ELEM* oh = out + (r0 + rr) * qrow + (long)h * D;                                      \
+                    for (int c = 0; c < DC; c++) store16_##SFX(oh + 16 * c, o[rr][c]);                    \
+                }                                                                                         \
+            }                                                                                             \
+        }                                                                                                 \
+    }
+DEFINE_PREFILL_TILE(f32, float, ld16_f32, 4)
+DEFINE_PREFILL_TILE(f32, float, ld16_f32, 8)
+DEFINE_PREFILL_TILE(bf16, uint16_t, ld16_bf16, 4)
+DEFINE_PREFILL_TILE(bf16, uint16_t, ld16_bf16, 8)
+#endif
+
+#define DEFINE_PREFILL(NAME, ELEM, SFX)                                                                  \
+    int NAME(const ELEM* q, const ELEM* k_cache, const ELEM* v_cache, const int32_t* block_tables,       \
+             const int64_t* query_start_loc, const int32_t* context_lens, ELEM* out, int num_seqs,        \
+             int num_heads, int num_kv_heads, int head_dim, int block_size, int max_blocks, float scale,   \
+             int num_threads) {                                                                           \
+        (void)q; (void)k_cache; (void)v_cache; (void)block_tables; (void)query_start_loc;                \
+        (void)context_lens; (void)out; (void)num_seqs; (void)num_heads; (void)num_kv_heads;              \
+        (void)block_size; (void)max_blocks; (void)scale; (void)num_threads;                              \
+        PREFILL_BODY(SFX, ELEM)                                                                           \
+    }
+
+#ifdef HAVE_FAST_ATTEND
+#define PREFILL_BODY(SFX, ELEM)                                                                                 \
+        if (head_dim != 64 && head_dim != 128) return 2;                                                  \
+        const int group = num_heads / num_kv_heads;                                                       \
+        int max_ctx = 0;                                                                                  \
+        long num_tasks = 0;                                                                               \
+        for (int s = 0; s < num_seqs; s++) {                                                              \
+            const int nq = (int)(query_start_loc[s + 1] - query_start_loc[s]);                            \
+            max_ctx = context_lens[s] > max_ctx ? context_lens[s] : max_ctx;                              \
+            num_tasks += (long)num_kv_heads * ((nq + PREFILL_QT - 1) / PREFILL_QT);                        \
+        }                                                                                                 \
+        /* task -> (sequence, kv head, tile): a flat list, longest contexts first. */                   \
+        int* tasks = malloc(sizeof(int) * 3 * (num_tasks + 1));                                          \
+        const long per_thread = (long)PREFILL_QT * (max_ctx + 16) + (long)PREFILL_QT * head_dim + 16;     \
+        float* buffers = malloc(sizeof(float) * per_thread * num_threads);                              \
+        if (!tasks || !buffers) { free(tasks); free(buffers); return 1; }                                 \
+        long n = 0;                                                                                       \
+        for (int s = num_seqs - 1; s >= 0; s--) {                                                         \
+            const int nq = (int)(query_start_loc[s + 1] - query_start_loc[s]);                            \
+            for (int tile = (nq + PREFILL_QT - 1) / PREFILL_QT - 1; tile >= 0; tile--)                    \
+                for (int kvh = 0; kvh < num_kv_heads; kvh++) {                                            \
+                    tasks[3 * n] = s; tasks[3 * n + 1] = kvh; tasks[3 * n + 2] = tile; n++;               \
+                }                                                                                         \
+        }                                                                                                 \
+        _Pragma("omp parallel for num_threads(num_threads) schedule(dynamic, 1)")                         \
+        for (long task = 0; task < num_tasks; task++) {                                                   \
+            const int s = tasks[3 * task], kvh = tasks[3 * task + 1], tile = tasks[3 * task + 2];         \
+            float* S = buffers + per_thread * omp_get_thread_num();                                       \
+            float* qf = S + (long)PREFILL_QT * (max_ctx + 16);                                            \
+            const long q0 = query_start_loc[s] + (long)tile * PREFILL_QT;                                 \
+            const int nq_seq = (int)(query_start_loc[s + 1] - query_start_loc[s]);                        \
+            const int nq = nq_seq - tile * PREFILL_QT < PREFILL_QT ? nq_seq - tile * PREFILL_QT : PREFILL_QT; \
+            const int pos0 = context_lens[s] - nq_seq + tile * PREFILL_QT;                                \
+            const ELEM* qt = q + q0 * num_heads * head_dim;                                               \
+            ELEM* ot = out + q0 * num_heads * head_dim;                                                   \
+            const int32_t* table = block_tables + (long)s * max_blocks;                                   \
+            if (head_dim == 64)                                                                           \
+                prefill_tile_##SFX##_4(qt, k_cache, v_cache, table, context_lens[s], pos0, nq, ot, kvh,  \
+                                       group, num_heads, num_kv_heads, block_size, scale, S, qf);        \
+            else                                                                                          \
+                prefill_tile_##SFX##_8(qt, k_cache, v_cache, table, context_lens[s], pos0, nq, ot, kvh,  \
+                                       group, num_heads, num_kv_heads, block_size, scale, S, qf);        \
+        }                                                                                                 \
+        free(tasks);                                                                                      \
+        free(buffers);                                                                                    \
+        return 0;
+#else
+#define PREFILL_BODY(SFX, ELEM) (void)head_dim; return 2;
+#endif
+DEFINE_PREFILL(paged_prefill_f32, float, f32)
+DEFINE_PREFILL(paged_prefill_bf16, uint16_t, bf16)
+
+// ---------------------------------------------------------------------------
 // RMSNorm, optionally fused with the residual add, in Llama's numerics:
 // normalize in fp32, round to the storage dtype, then scale by the weight.
 //   x, residual, out, residual_out: [num_tokens, dim]; weight: [dim]
