@@ -98,7 +98,7 @@ def test_dispatch_picks_native_on_cpu_and_honours_the_override(monkeypatch):
     monkeypatch.setenv("SHARDLINE_KERNELS", "torch")
     assert resolve("paged_attention_decode", "auto", torch.device("cpu")) is reference.paged_attention_decode
     # a kernel without a native version falls back to its reference
-    assert resolve("paged_attention_prefill", "native", torch.device("cpu")) is reference.paged_attention_prefill
+    assert resolve("dequant_matmul", "native", torch.device("cpu")) is kernels.quant.dequant_matmul
     q, k, v, tables, lens = paged_case(2, 4, 2, 16, 4, torch.float32)
     torch.testing.assert_close(
         kernels.paged_attention_decode(q, k, v, tables, lens, 0.25, impl="native"),
