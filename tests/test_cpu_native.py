@@ -152,6 +152,19 @@ def test_bf16_linear_matches_fp32_within_bf16_rounding(rows, out_features, in_fe
     assert ((got.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-3).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [5, 6, 7, 13, 300])  # microkernel remainders; beyond one 256-row block
+def test_linear_any_rows_matches_torch(dtype, rows):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(rows, 96, generator=g).to(dtype)
+    w = torch.randn(70, 96, generator=g).to(dtype)
+    b = torch.randn(70, generator=g).to(dtype)
+    exact = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    got = cpu_native.linear(x, w, b)
+    assert got.dtype == dtype and got.shape == (rows, 70)
+    torch.testing.assert_close(got.float(), exact, **TOL[dtype])
+
+
 def test_linear_beyond_small_m_matches_torch():
     x = torch.randn(2, 3, 16)
     w = torch.randn(8, 16)

@@ -745,9 +745,14 @@ void pack_weight_bf16(const uint16_t* w, uint16_t* out, int N, int K, int num_th
                 }
 }
 
+// Rows of x per microkernel call: 6 x 4 fp32 accumulators (24 of 32 registers)
+// reuse each loaded weight vector 6 times; bf16 stays at 4 rows.
+#define MR_MAX 6
+#define MR_f32 6
+#define MR_bf16 4
 #if defined(__AVX512F__)
-static inline void panel_f32(const float* x, long ldx, int mr, const float* panel, int K, __m512 acc[4][4]) {
-    for (int m = 0; m < 4; m++)
+static inline void panel_f32(const float* x, long ldx, int mr, const float* panel, int K, __m512 acc[MR_MAX][4]) {
+    for (int m = 0; m < MR_MAX; m++)
         for (int j = 0; j < 4; j++) acc[m][j] = _mm512_setzero_ps();
 #define PANEL_F32_BODY(MR)                                                                              \
     for (int k = 0; k < K; k++) {                                                                        \
@@ -766,10 +771,12 @@ static inline void panel_f32(const float* x, long ldx, int mr, const float* pane
         case 1: PANEL_F32_BODY(1) break;
         case 2: PANEL_F32_BODY(2) break;
         case 3: PANEL_F32_BODY(3) break;
-        default: PANEL_F32_BODY(4) break;
+        case 4: PANEL_F32_BODY(4) break;
+        case 5: PANEL_F32_BODY(5) break;
+        default: PANEL_F32_BODY(6) break;
     }
 }
-static inline void store_panel_f32(float* y, long ldy, int mr, int cols, const float* bias, __m512 acc[4][4]) {
+static inline void store_panel_f32(float* y, long ldy, int mr, int cols, const float* bias, __m512 acc[MR_MAX][4]) {
     for (int j = 0; j < 4; j++) {
         const int c = cols - 16 * j;
         if (c <= 0) break;
@@ -782,8 +789,8 @@ static inline void store_panel_f32(float* y, long ldy, int mr, int cols, const f
 #endif
 
 #if defined(__AVX512BF16__)
-static inline void panel_bf16(const uint16_t* x, long ldx, int mr, const uint16_t* panel, int K2, __m512 acc[4][4]) {
-    for (int m = 0; m < 4; m++)
+static inline void panel_bf16(const uint16_t* x, long ldx, int mr, const uint16_t* panel, int K2, __m512 acc[MR_MAX][4]) {
+    for (int m = 0; m < MR_MAX; m++)
         for (int j = 0; j < 4; j++) acc[m][j] = _mm512_setzero_ps();
 #define PANEL_BF16_BODY(MR)                                                                             \
     for (int i = 0; i < K2; i++) {                                                                       \
@@ -804,10 +811,12 @@ static inline void panel_bf16(const uint16_t* x, long ldx, int mr, const uint16_
         case 1: PANEL_BF16_BODY(1) break;
         case 2: PANEL_BF16_BODY(2) break;
         case 3: PANEL_BF16_BODY(3) break;
-        default: PANEL_BF16_BODY(4) break;
+        case 4: PANEL_BF16_BODY(4) break;
+        case 5: PANEL_BF16_BODY(5) break;
+        default: PANEL_BF16_BODY(6) break;
     }
 }
-static inline void store_panel_bf16(uint16_t* y, long ldy, int mr, int cols, const float* bias, __m512 acc[4][4]) {
+static inline void store_panel_bf16(uint16_t* y, long ldy, int mr, int cols, const float* bias, __m512 acc[MR_MAX][4]) {
     for (int j = 0; j < 4; j++) {
         const int c = cols - 16 * j;
         if (c <= 0) break;
@@ -820,7 +829,7 @@ static inline void store_panel_bf16(uint16_t* y, long ldy, int mr, int cols, con
 #define HAVE_PACKED_BF16 1
 #endif
 
-// The driver: panels split over threads; every 4 rows of x run through a panel.
+// The driver: panels split over threads; every MR rows of x run through a panel.
 #define DEFINE_PACKED_LINEAR(NAME, ELEM, LOAD, SFX, HAVE, KSTEPS)                                      \
     int NAME(const ELEM* x, const ELEM* wp, const ELEM* bias, ELEM* y, int M, int N, int K, int num_threads) { \
         if (!HAVE) return 1;                                                                             \
@@ -849,9 +858,9 @@ static inline void store_panel_bf16(uint16_t* y, long ldy, int mr, int cols, con
             for (int p = 0; p < P; p++) {                                                                \
                 const ELEM* panel = wp + p * panel_len;                                                  \
                 const int cols = N - p * PANEL < PANEL ? N - p * PANEL : PANEL;                          \
-                for (int m0 = b0; m0 < b1; m0 += 4) {                                                    \
-                    const int mr = b1 - m0 < 4 ? b1 - m0 : 4;                                            \
-                    __m512 acc[4][4];                                                                    \
+                for (int m0 = b0; m0 < b1; m0 += MR_##SFX) {                                             \
+                    const int mr = b1 - m0 < MR_##SFX ? b1 - m0 : MR_##SFX;                              \
+                    __m512 acc[MR_MAX][4];                                                               \
                     panel_##SFX(xs + m0 * ldx, ldx, mr, panel, KSTEPS, acc);                             \
                     store_panel_##SFX(y + (long)m0 * N + p * PANEL, N, mr, cols, bf ? bf + p * PANEL : 0, acc); \
                 }                                                                                        \
