@@ -199,6 +199,59 @@ static inline __m512 hsum16(const __m512* v) {
 #define QK_DOT_f32(DC, qh, qf, row, acc) QK_DOT_GENERIC(f32, DC, qf, row, acc)
 #define QK_SCALE_f32(scale) 1.f
 
+// P @ V for G query rows that share one kv head: out[g] = sum_t p[g][t] * V[t],
+// V rows read in place through the block table, each loaded once for all G
+// rows; G is a compile-time constant so the G x DC accumulators stay in registers.
+#define DEFINE_PV(SFX, ELEM, LD, DC, G)                                                                   \
+    static inline void pv_##SFX##_##DC##_##G(const ELEM* v_cache, const int32_t* table, int block_size,  \
+                                             long tok_stride, long voff, int nkeys, const float* p,       \
+                                             long pstride, ELEM* out, long ostride) {                     \
+        __m512 o[G][DC];                                                                                  \
+        for (int g = 0; g < (G); g++)                                                                     \
+            for (int c = 0; c < (DC); c++) o[g][c] = _mm512_setzero_ps();                                 \
+        for (int b = 0, t = 0; t < nkeys; b++) {                                                          \
+            const long base = (long)table[b] * block_size;                                                \
+            const int nt = nkeys - t < block_size ? nkeys - t : block_size;                               \
+            for (int i = 0; i < nt; i++, t++) {                                                           \
+                const ELEM* vp = v_cache + (base + i) * tok_stride + voff;                                \
+                __m512 vv[DC];                                                                            \
+                for (int c = 0; c < (DC); c++) vv[c] = LD(vp + 16 * c, 0xffff);                           \
+                for (int g = 0; g < (G); g++) {                                                           \
+                    const __m512 pb = _mm512_set1_ps(p[g * pstride + t]);                                 \
+                    for (int c = 0; c < (DC); c++) o[g][c] = _mm512_fmadd_ps(pb, vv[c], o[g][c]);         \
+                }                                                                                         \
+            }                                                                                             \
+        }                                                                                                 \
+        for (int g = 0; g < (G); g++)                                                                     \
+            for (int c = 0; c < (DC); c++) store16_##SFX(out + g * ostride + 16 * c, o[g][c]);            \
+    }
+#define DEFINE_PV_ALL(SFX, ELEM, LD, DC)                                                                  \
+    DEFINE_PV(SFX, ELEM, LD, DC, 1) DEFINE_PV(SFX, ELEM, LD, DC, 2) DEFINE_PV(SFX, ELEM, LD, DC, 3)       \
+    DEFINE_PV(SFX, ELEM, LD, DC, 4) DEFINE_PV(SFX, ELEM, LD, DC, 5) DEFINE_PV(SFX, ELEM, LD, DC, 6)       \
+    /* g rows at a time, at most 24 / DC per call. */                                                    \
+    static inline void pv_##SFX##_##DC(int g, const ELEM* v_cache, const int32_t* table, int block_size,  \
+                                       long tok_stride, long voff, int nkeys, const float* p, long pstride, \
+                                       ELEM* out, long ostride) {                                         \
+        enum { GT = 24 / DC };                                                                            \
+        for (int g0 = 0; g0 < g; g0 += GT) {                                                              \
+            const int n = g - g0 < GT ? g - g0 : GT;                                                      \
+            const float* pg = p + g0 * pstride;                                                           \
+            ELEM* og = out + g0 * ostride;                                                                \
+            switch (n) {                                                                                  \
+                case 1: pv_##SFX##_##DC##_1(v_cache, table, block_size, tok_stride, voff, nkeys, pg, pstride, og, ostride); break; \
+                case 2: pv_##SFX##_##DC##_2(v_cache, table, block_size, tok_stride, voff, nkeys, pg, pstride, og, ostride); break; \
+                case 3: pv_##SFX##_##DC##_3(v_cache, table, block_size, tok_stride, voff, nkeys, pg, pstride, og, ostride); break; \
+                case 4: pv_##SFX##_##DC##_4(v_cache, table, block_size, tok_stride, voff, nkeys, pg, pstride, og, ostride); break; \
+                case 5: pv_##SFX##_##DC##_5(v_cache, table, block_size, tok_stride, voff, nkeys, pg, pstride, og, ostride); break; \
+                default: pv_##SFX##_##DC##_6(v_cache, table, block_size, tok_stride, voff, nkeys, pg, pstride, og, ostride); break; \
+            }                                                                                             \
+        }                                                                                                 \
+    }
+DEFINE_PV_ALL(f32, float, ld16_f32, 4)
+DEFINE_PV_ALL(f32, float, ld16_f32, 8)
+DEFINE_PV_ALL(bf16, uint16_t, ld16_bf16, 4)
+DEFINE_PV_ALL(bf16, uint16_t, ld16_bf16, 8)
+
 // Decode attention for head_dim 64 or 128 (DC = head_dim / 16 vectors per row),
 // one sequence and its kv heads [k0, k1): scores for 16 tokens at a time (one
 // horizontal sum for all 16), the softmax, then P @ V with each V row loaded
@@ -260,32 +313,8 @@ static inline __m512 hsum16(const __m512* v) {
         }                                                                                                 \
         for (int h = k0 * group; h < k1 * group; h++) softmax_row(scores + (long)h * ctx, ctx);          \
         for (int kvh = k0; kvh < k1; kvh++) {                                                             \
-            for (int g0 = 0; g0 < group; g0 += GT) {                                                      \
-                const int gn = group - g0 < GT ? group - g0 : GT;                                         \
-                const float* sg = scores + (long)(kvh * group + g0) * ctx;                                \
-                __m512 o[GT][DC];                                                                         \
-                for (int gg = 0; gg < GT; gg++)                                                           \
-                    for (int c = 0; c < DC; c++) o[gg][c] = _mm512_setzero_ps();                          \
-                for (int b = 0, t = 0; t < ctx; b++) {                                                    \
-                    const long base = (long)table[b] * block_size;                                        \
-                    const int nt = ctx - t < block_size ? ctx - t : block_size;                           \
-                    for (int i = 0; i < nt; i++, t++) {                                                   \
-                        const ELEM* vp = v_cache + (base + i) * tok_stride + (long)kvh * D;               \
-                        __m512 vv[DC];                                                                    \
-                        for (int c = 0; c < DC; c++) vv[c] = LD(vp + 16 * c, 0xffff);                     \
-                        for (int gg = 0; gg < GT; gg++) {                                                 \
-                            if (gg < gn) {                                                                \
-                                const __m512 p = _mm512_set1_ps(sg[(long)gg * ctx + t]);                  \
-                                for (int c = 0; c < DC; c++) o[gg][c] = _mm512_fmadd_ps(p, vv[c], o[gg][c]); \
-                            }                                                                             \
-                        }                                                                                 \
-                    }                                                                                     \
-                }                                                                                         \
-                for (int gg = 0; gg < gn; gg++) {                                                         \
-                    ELEM* oh = out + (long)(kvh * group + g0 + gg) * D;                                   \
-                    for (int c = 0; c < DC; c++) store16_##SFX(oh + 16 * c, o[gg][c]);                    \
-                }                                                                                         \
-            }                                                                                             \
+            pv_##SFX##_##DC(group, v_cache, table, block_size, tok_stride, (long)kvh * D, ctx,            \
+                            scores + (long)kvh * group * ctx, ctx, out + (long)kvh * group * D, D);       \
         }                                                                                                 \
     }
 DEFINE_FAST_ATTEND(f32, float, ld16_f32, 4)
@@ -465,29 +494,8 @@ DEFINE_DECODE(paged_decode_bf16, uint16_t, bf16_to_f32, f32_to_bf16, bf16)
             }                                                                                             \
             for (int r0 = 0; r0 < nq; r0 += RT) {                                                         \
                 const int rn = nq - r0 < RT ? nq - r0 : RT;                                               \
-                const int tend = pos0 + r0 + rn; /* keys any row of this tile sees */                     \
-                __m512 o[RT][DC];                                                                         \
-                for (int rr = 0; rr < RT; rr++)                                                           \
-                    for (int c = 0; c < DC; c++) o[rr][c] = _mm512_setzero_ps();                          \
-                for (int bb = 0, t = 0; t < tend; bb++) {                                                 \
-                    const long base = (long)table[bb] * block_size;                                       \
-                    const int nt = tend - t < block_size ? tend - t : block_size;                         \
-                    for (int ii = 0; ii < nt; ii++, t++) {                                                \
-                        const ELEM* vp = v_cache + (base + ii) * tok_stride + (long)kvh * D;              \
-                        __m512 vv[DC];                                                                    \
-                        for (int c = 0; c < DC; c++) vv[c] = LD(vp + 16 * c, 0xffff);                     \
-                        for (int rr = 0; rr < RT; rr++) {                                                 \
-                            if (rr < rn) {                                                                \
-                                const __m512 p = _mm512_set1_ps(S[(long)(r0 + rr) * nkeys + t]);          \
-                                for (int c = 0; c < DC; c++) o[rr][c] = _mm512_fmadd_ps(p, vv[c], o[rr][c]); \
-                            }                                                                             \
-                        }                                                                                 \
-                    }                                                                                     \
-                }                                                                                         \
-                for (int rr = 0; rr < rn; rr++) {                                                         \
-                    ELEM* oh = out + (r0 + rr) * qrow + (long)h * D;                                      \
-                    for (int c = 0; c < DC; c++) store16_##SFX(oh + 16 * c, o[rr][c]);                    \
-                }                                                                                         \
+                pv_##SFX##_##DC(rn, v_cache, table, block_size, tok_stride, (long)kvh * D,                \
+                                pos0 + r0 + rn, S + (long)r0 * nkeys, nkeys, out + r0 * qrow + (long)h * D, qrow); \
             }                                                                                             \
         }                                                                                                 \
     }
