@@ -127,6 +127,19 @@ def _kernel(base: str, dtype: torch.dtype):
     raise ValueError(f"native kernels support float32 and bfloat16, got {dtype}")
 
 
+def _check_paged(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> tuple[int, int]:
+    """Validate a query against the paged caches; returns (block_size, num_kv_heads)."""
+    num_heads, head_dim = query.shape[1:]
+    _, block_size, num_kv_heads, cache_head_dim = key_cache.shape
+    if key_cache.dtype != query.dtype or value_cache.dtype != query.dtype:
+        raise ValueError("query and caches must share a dtype")
+    if cache_head_dim != head_dim or num_heads % num_kv_heads:
+        raise ValueError(f"bad shapes: query {tuple(query.shape)}, cache {tuple(key_cache.shape)}")
+    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+        raise ValueError("caches must be contiguous")
+    return block_size, num_kv_heads
+
+
 def paged_attention_decode(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -138,13 +151,7 @@ def paged_attention_decode(
     """Same contract as kernels.reference.paged_attention_decode, for fp32 or bf16 CPU tensors."""
     fn = _kernel("paged_decode", query.dtype)
     num_seqs, num_heads, head_dim = query.shape
-    num_blocks, block_size, num_kv_heads, cache_head_dim = key_cache.shape
-    if key_cache.dtype != query.dtype or value_cache.dtype != query.dtype:
-        raise ValueError("query and caches must share a dtype")
-    if cache_head_dim != head_dim or num_heads % num_kv_heads:
-        raise ValueError(f"bad shapes: query {tuple(query.shape)}, cache {tuple(key_cache.shape)}")
-    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
-        raise ValueError("caches must be contiguous")
+    block_size, num_kv_heads = _check_paged(query, key_cache, value_cache)
     q = query.contiguous()
     tables = block_tables.to(torch.int32).contiguous()
     lens = context_lens.to(torch.int32).contiguous()
@@ -182,13 +189,7 @@ def paged_attention_prefill(
     """Same contract as kernels.reference.paged_attention_prefill; head dims other than 64
     and 128 (or a build without AVX-512) run the reference."""
     num_tokens, num_heads, head_dim = query.shape
-    num_blocks, block_size, num_kv_heads, cache_head_dim = key_cache.shape
-    if key_cache.dtype != query.dtype or value_cache.dtype != query.dtype:
-        raise ValueError("query and caches must share a dtype")
-    if cache_head_dim != head_dim or num_heads % num_kv_heads:
-        raise ValueError(f"bad shapes: query {tuple(query.shape)}, cache {tuple(key_cache.shape)}")
-    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
-        raise ValueError("caches must be contiguous")
+    block_size, num_kv_heads = _check_paged(query, key_cache, value_cache)
     q = query.contiguous()
     tables = block_tables.to(torch.int32).contiguous()
     starts = query_start_loc.to(torch.int64).contiguous()
