@@ -266,7 +266,7 @@ DEFINE_PV_ALL(bf16, uint16_t, ld16_bf16, 8)
                                     const int32_t* table, int ctx, ELEM* out, int k0, int k1, int group, \
                                     int num_kv_heads, int block_size, float scale, float* scores,        \
                                     float* qf) {                                                         \
-        enum { D = DC * 16, GT = 24 / DC };                                                              \
+        enum { D = DC * 16 };                                                                            \
         const long tok_stride = (long)num_kv_heads * D;                                                   \
         const int row_bytes = (k1 - k0) * D * (int)sizeof(ELEM);                                          \
         const __m512 sc = _mm512_set1_ps(QK_SCALE_##SFX(scale));                                         \
@@ -451,7 +451,7 @@ DEFINE_DECODE(paged_decode_bf16, uint16_t, bf16_to_f32, f32_to_bf16, bf16)
 #define PREFILL_QT 16
 #define DEFINE_PREFILL_TILE(SFX, ELEM, LD, DC)                                                           \
     static void prefill_tile_##SFX##_##DC(const ELEM* q, const ELEM* k_cache, const ELEM* v_cache,       \
-                                          const int32_t* table, int ctx, int pos0, int nq, ELEM* out,     \
+                                          const int32_t* table, int pos0, int nq, ELEM* out,     \
                                           int kvh, int group, int num_heads, int num_kv_heads,           \
                                           int block_size, float scale, float* S, float* qf) {             \
         enum { D = DC * 16, RT = 24 / DC };                                                               \
@@ -553,10 +553,10 @@ DEFINE_PREFILL_TILE(bf16, uint16_t, ld16_bf16, 8)
             ELEM* ot = out + q0 * num_heads * head_dim;                                                   \
             const int32_t* table = block_tables + (long)s * max_blocks;                                   \
             if (head_dim == 64)                                                                           \
-                prefill_tile_##SFX##_4(qt, k_cache, v_cache, table, context_lens[s], pos0, nq, ot, kvh,  \
+                prefill_tile_##SFX##_4(qt, k_cache, v_cache, table, pos0, nq, ot, kvh,  \
                                        group, num_heads, num_kv_heads, block_size, scale, S, qf);        \
             else                                                                                          \
-                prefill_tile_##SFX##_8(qt, k_cache, v_cache, table, context_lens[s], pos0, nq, ot, kvh,  \
+                prefill_tile_##SFX##_8(qt, k_cache, v_cache, table, pos0, nq, ot, kvh,  \
                                        group, num_heads, num_kv_heads, block_size, scale, S, qf);        \
         }                                                                                                 \
         free(tasks);                                                                                      \
