@@ -49,6 +49,7 @@ sys.path.insert(0, str(HERE))
 
 import models  # noqa: E402
 import peers  # noqa: E402
+import procstat  # noqa: E402
 from workers import make_serving_workload  # noqa: E402
 
 ENGINES = ("shardline", "transformers", "vllm")
@@ -120,15 +121,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def cpu_seconds() -> tuple[float, float]:
-    """(busy, wall) CPU seconds of the whole machine so far, from /proc/stat."""
-    try:
-        f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except OSError:
-        return 0.0, 0.0
-    hz = os.sysconf("SC_CLK_TCK")
-    idle = f[3] + (f[4] if len(f) > 4 else 0)
-    busy = sum(f[:8]) - idle  # user nice system idle iowait irq softirq steal
-    return busy / hz, time.time()
+    """(busy CPU seconds of the whole machine so far, wall-clock time)."""
+    return procstat.machine_busy_s(), time.time()
 
 
 class SessionCPU:
@@ -144,21 +138,13 @@ class SessionCPU:
         self.sid = sid
         self.cpu: dict[int, float] = {}
         self._stop = threading.Event()
-        self._hz = os.sysconf("SC_CLK_TCK")
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
     def _sample(self) -> None:
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                stat = Path(f"/proc/{name}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-            if int(fields[3]) == self.sid:  # field 6 of stat: session id
-                self.cpu[int(name)] = (int(fields[11]) + int(fields[12])) / self._hz  # utime + stime
+        for pid, st in procstat.process_stats().items():
+            if st.sid == self.sid:
+                self.cpu[pid] = st.cpu_s
 
     def _loop(self) -> None:
         while not self._stop.wait(1.0):

@@ -46,7 +46,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.models import BENCH_DIR, read_config  # noqa: E402
 from benchmarks.peers import ensure_netns  # noqa: E402
+from benchmarks.procstat import machine_busy_s, process_stats  # noqa: E402
 
 POLICIES = ["kv_aware", "prefix_approx", "pow2", "round_robin"]
 APP = "routing-bench"
@@ -163,38 +164,16 @@ def percentile(values: list[float], p: float) -> Optional[float]:
 # ---- the machine (shared with other engineers' jobs) ------------------------------------------
 
 
-def machine_busy_s() -> float:
-    """CPU seconds the whole machine has been busy, from /proc/stat."""
-    try:
-        f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except OSError:
-        return 0.0
-    idle = f[3] + (f[4] if len(f) > 4 else 0)
-    return (sum(f[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 def our_cpu_s() -> float:
     """CPU seconds of this process and everything it started (the Ray cluster, its workers), alive now."""
-    hz = os.sysconf("SC_CLK_TCK")
-    parent: dict[int, int] = {}
-    cpu: dict[int, float] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{name}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-        parent[int(name)] = int(fields[1])
-        cpu[int(name)] = (int(fields[11]) + int(fields[12])) / hz  # utime + stime
+    stats = process_stats()
     me, total = os.getpid(), 0.0
-    for pid, seconds in cpu.items():
+    for pid, st in stats.items():
         p, hops = pid, 0
         while p not in (me, 0, 1) and hops < 64:
-            p, hops = parent.get(p, 0), hops + 1
+            p, hops = (stats[p].ppid if p in stats else 0), hops + 1
         if p == me:
-            total += seconds
+            total += st.cpu_s
     return total
 
 
