@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from deployments.config import REPLICA_NAME, SERVE_METRIC_ENV, ServeConfig
+from deployments.config import REPLICA_NAME, ServeConfig
 from deployments.status import render_text, summarize
 
 APP = "shardline"
@@ -221,37 +221,20 @@ async def _load(base_url: str, burst_until, trickle_until) -> list[Outcome]:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     """Ray + Serve on 127.0.0.1 with the app autoscaling under LIVE_POLICY; torn down at the end."""
-    import ray
     from ray import serve
 
     from deployments.app import build_app
-    from deployments.server import free_port
     from tests.models import make_model
+    from tests.serve_cluster import local_serve
 
     tiny = make_model(tmp_path_factory.mktemp("autoscale-tiny"))
-    saved = {k: os.environ.get(k) for k in SERVE_METRIC_ENV}
-    os.environ.update(SERVE_METRIC_ENV)
-    if ray.is_initialized():
-        ray.shutdown()
-    port = free_port()
-    # address="local": a new cluster even when another one (`ray start`) runs on this machine.
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=4, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_serve(num_cpus=4) as port:
         config = ServeConfig(
             model=str(tiny), served_model_name="tiny", max_model_len=1024, num_kv_blocks=512, block_size=16,
             max_num_seqs=32, torch_threads=1, replica_num_cpus=1, **LIVE_POLICY,
         )
         serve.run(build_app(config), name=APP, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.mark.ray

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from engine import LLM, SamplingParams
 from engine.pull import pull_model
 from engine.tokenizer import Tokenizer
 from tests.models import make_model
+from tests.serve_cluster import local_serve
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -35,34 +35,20 @@ LONG = dict(model="tiny", prompt="hello", max_tokens=1000, ignore_eos=True)
 LONG_SMOL = dict(LONG, model="smollm2-135m")
 
 
-def _free_port() -> int:
-    from deployments.server import free_port
-
-    return free_port()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """Start Ray + Serve once, deploy the three apps, tear everything down at the end."""
-    import ray
     from ray import serve
     from ray.serve.api import RunTarget
 
     from deployments.app import build_app
+    from deployments.server import free_port
 
     pull_model("smollm2-135m", progress=False)
     tiny = make_model(tmp_path_factory.mktemp("serve-tiny"))
     env = dict(SERVE_METRIC_ENV, RAY_metrics_report_interval_ms="1000")  # inherited by the raylet's workers
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    port, metrics_port = _free_port(), _free_port()
-    ray.init(
-        # "local": a cluster of our own, even when another one on this machine wrote /tmp/ray/ray_current_cluster.
-        address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=8, log_to_driver=False,
-        _metrics_export_port=metrics_port,
-    )
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    metrics_port = free_port()
+    with local_serve(num_cpus=8, env=env, _metrics_export_port=metrics_port) as port:
         configs = {
             "shardline": ServeConfig(model=str(tiny), served_model_name="tiny", **MAIN),
             "tight": ServeConfig(model="smollm2-135m", **TIGHT),
@@ -71,14 +57,6 @@ def server(tmp_path_factory):
         prefixes = {"shardline": "/", "tight": "/tight", "smol": "/smol"}
         serve.run_many([RunTarget(build_app(c), name=n, route_prefix=prefixes[n]) for n, c in configs.items()])
         yield {"base": f"http://127.0.0.1:{port}", "tiny": tiny, "configs": configs, "metrics_port": metrics_port}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def replica_stats(app: str) -> list[dict]:

@@ -12,16 +12,16 @@ short questions. The scheduler-killing test runs last: it restarts the /kv app's
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
 
 import openai
 import pytest
 
-from deployments.config import INGRESS_NAME, SERVE_METRIC_ENV, ServeConfig
+from deployments.config import INGRESS_NAME, ServeConfig
 from engine.tokenizer import Tokenizer
 from tests.models import CORPUS, make_model
+from tests.serve_cluster import local_serve
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -44,22 +44,15 @@ def _contexts(tokenizer: Tokenizer) -> tuple[list[str], int]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    import ray
     from ray import serve
     from ray.serve.api import RunTarget
 
     from deployments.app import build_app
-    from deployments.server import free_port
 
     tiny = make_model(tmp_path_factory.mktemp("routing-tiny"))
     contexts, context_blocks = _contexts(Tokenizer(tiny))
     num_kv_blocks = int(context_blocks / KV_FILL / REPLICAS)
-    saved = {k: os.environ.get(k) for k in SERVE_METRIC_ENV}
-    os.environ.update(SERVE_METRIC_ENV)
-    port = free_port()
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=8, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_serve(num_cpus=8) as port:
         apps = {
             name: ServeConfig(model=str(tiny), served_model_name="tiny", routing=routing, num_kv_blocks=num_kv_blocks, **APP)
             for name, routing in (("kv", "kv_aware"), ("rr", "round_robin"))
@@ -68,14 +61,6 @@ def cluster(tmp_path_factory):
         base = f"http://127.0.0.1:{port}"
         _wait_for_replicas(["kv", "rr"])
         yield {"base": base, "contexts": contexts, "num_kv_blocks": num_kv_blocks, "context_blocks": context_blocks}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def scheduler(app: str):
