@@ -423,6 +423,32 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.view(*x.shape[:-1], out_features)
 
 
+def _step_inputs(positions, slot_mapping, block_tables, context_lens) -> tuple[torch.Tensor, ...]:
+    """A decode step's metadata in the dtypes the native decode kernels take."""
+    return (
+        positions.to(torch.int64).contiguous(),
+        slot_mapping.to(torch.int64).contiguous(),
+        block_tables.to(torch.int32).contiguous(),
+        context_lens.to(torch.int32).contiguous(),
+    )
+
+
+def _layer_dims(w: "DecodeLayerWeights", num_seqs: int, hidden_size: int) -> tuple:
+    """The trailing size arguments of decode_layer_* and decode_model_*."""
+    return (
+        num_seqs,
+        hidden_size,
+        w.num_heads,
+        w.num_kv_heads,
+        w.head_dim,
+        w.w2.shape[1],
+        w.k_cache.shape[1],
+        float(w.eps),
+        float(w.scale),
+        torch.get_num_threads(),
+    )
+
+
 def decode_layer(
     hidden: torch.Tensor,
     residual: torch.Tensor | None,
@@ -441,10 +467,7 @@ def decode_layer(
     out = hidden.contiguous().clone()
     first = residual is None
     res = torch.empty_like(out) if first else residual.contiguous().clone()
-    tables = block_tables.to(torch.int32).contiguous()
-    lens = context_lens.to(torch.int32).contiguous()
-    pos = positions.to(torch.int64).contiguous()
-    slots = slot_mapping.to(torch.int64).contiguous()
+    pos, slots, tables, lens = _step_inputs(positions, slot_mapping, block_tables, context_lens)
     rc = fn(
         out.data_ptr(),
         res.data_ptr(),
@@ -464,16 +487,7 @@ def decode_layer(
         _packed_ptr(w.w2),
         w.k_cache.data_ptr(),
         w.v_cache.data_ptr(),
-        num_seqs,
-        hidden_size,
-        w.num_heads,
-        w.num_kv_heads,
-        w.head_dim,
-        w.w2.shape[1],
-        w.k_cache.shape[1],
-        float(w.eps),
-        float(w.scale),
-        torch.get_num_threads(),
+        *_layer_dims(w, num_seqs, hidden_size),
     )
     if rc != 0:
         raise RuntimeError(f"native decode_layer failed (status {rc})")
@@ -521,10 +535,7 @@ def decode_model(
     fn = _kernel("decode_model", hidden.dtype)
     w0 = stack.layers[0]
     out = hidden.contiguous().clone()
-    tables = block_tables.to(torch.int32).contiguous()
-    lens = context_lens.to(torch.int32).contiguous()
-    pos = positions.to(torch.int64).contiguous()
-    slots = slot_mapping.to(torch.int64).contiguous()
+    pos, slots, tables, lens = _step_inputs(positions, slot_mapping, block_tables, context_lens)
     addresses = _stack_addresses(stack)
     rc = fn(
         out.data_ptr(),
@@ -537,16 +548,7 @@ def decode_model(
         rope_cache.data_ptr(),
         *(a.data_ptr() for a in addresses),
         stack.final_norm.data_ptr(),
-        num_seqs,
-        hidden_size,
-        w0.num_heads,
-        w0.num_kv_heads,
-        w0.head_dim,
-        w0.w2.shape[1],
-        w0.k_cache.shape[1],
-        float(w0.eps),
-        float(w0.scale),
-        torch.get_num_threads(),
+        *_layer_dims(w0, num_seqs, hidden_size),
     )
     if rc != 0:
         raise RuntimeError(f"native decode_model failed (status {rc})")
