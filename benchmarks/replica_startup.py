@@ -86,12 +86,12 @@ def measure(model: str, samples: int, concurrency: int, max_tokens: int, torch_t
     from ray.serve.context import _get_global_client
 
     from deployments.app import build_app
-    from deployments.config import SERVE_METRIC_ENV, ServeConfig
+    from deployments.config import SERVE_ENV, ServeConfig
     from deployments.server import free_port
     from engine.pull import resolve_model
 
     resolve_model(model)
-    os.environ.update(SERVE_METRIC_ENV)
+    os.environ.update(SERVE_ENV)
     port = free_port()
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=4, log_to_driver=False)
     try:

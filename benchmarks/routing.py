@@ -208,10 +208,10 @@ def start_cluster(num_cpus: int) -> int:
     import ray
     from ray import serve
 
-    from deployments.config import SERVE_METRIC_ENV
+    from deployments.config import SERVE_ENV
     from deployments.server import free_port
 
-    os.environ.update(SERVE_METRIC_ENV)
+    os.environ.update(SERVE_ENV)
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -42,6 +42,8 @@ _CONFIG_FLAGS = {
     "placement_strategy": "placement_strategy",
     "routing": "routing",
     "tenants": "tenants_file",
+    "replica_num_cpus": "replica_num_cpus",
+    "torch_threads": "torch_threads",
 }
 
 
@@ -66,6 +68,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue-len", type=int, help="waiting requests per replica before 429")
     p.add_argument("--request-timeout", type=float, help="seconds before a request gets 408")
     p.add_argument("--grace-period", type=float, help="seconds in-flight requests get on shutdown")
+    p.add_argument(
+        "--replica-num-cpus",
+        type=float,
+        help="CPUs each replica (rank) reserves and runs torch threads on (default: on a cluster of its own, "
+        "an equal share of this machine's cores; joining one, 1)",
+    )
+    p.add_argument("--torch-threads", type=int, help="torch threads per replica (default: its CPU reservation)")
     p.add_argument("--tensor-parallel-size", type=int, help="split each replica's model over N ranks (Ray actors)")
     p.add_argument(
         "--placement-strategy",
@@ -137,6 +146,8 @@ def build_config(args: argparse.Namespace):
         port=args.port if args.port is not None else int(http.get("port", 8000)),
         address=args.address,
     )
+    if options.address is None and "replica_num_cpus" not in fields:
+        config = config.share_cpus(os.cpu_count() or 1)  # the cluster is this machine
     return config, options
 
 

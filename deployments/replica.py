@@ -90,10 +90,9 @@ class ModelReplica:
     def _build_engine(config: ServeConfig) -> AsyncLLMEngine:
         from engine.pull import resolve_model
 
-        if config.torch_threads:
-            import torch
+        import torch
 
-            torch.set_num_threads(config.torch_threads)
+        torch.set_num_threads(config.replica_threads)
         engine_config = EngineConfig(**config.engine_kwargs(resolve_model(config.model)))
         launcher = None
         if config.tensor_parallel_size > 1:
@@ -104,6 +103,7 @@ class ModelReplica:
                 strategy=config.placement_strategy,
                 use_gpu=config.replica_num_gpus > 0,
                 cpus_per_rank=config.replica_num_cpus,
+                threads_per_rank=config.replica_threads,
             )
         engine = LLMEngine(engine_config, launcher)
         engine.warm_up()

@@ -23,7 +23,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from deployments.config import APP_NAME, INGRESS_NAME, SERVE_METRIC_ENV, ServeConfig
+from deployments.config import APP_NAME, INGRESS_NAME, SERVE_ENV, ServeConfig
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def start_ray(config: ServeConfig, options: ServerOptions) -> tuple[bool, Option
     """Connect to, or start, a Ray cluster. Returns (started here, metrics port)."""
     import ray
 
-    for key, value in SERVE_METRIC_ENV.items():
+    for key, value in SERVE_ENV.items():
         os.environ.setdefault(key, value)  # inherited by the raylet, hence by every worker
     if options.address:
         ray.init(address=options.address, log_to_driver=False)

@@ -14,6 +14,8 @@ never as a Ray call per step: Ray only starts, watches and stops them.
 
 from __future__ import annotations
 
+import math
+
 import time
 import uuid
 from typing import Any
@@ -60,7 +62,8 @@ class RayWorkerLauncher:
     Args:
         strategy: placement strategy when the launcher reserves the group itself.
         use_gpu: ask for a GPU per rank.
-        cpus_per_rank: CPUs per bundle (and torch threads per worker).
+        cpus_per_rank: CPUs per bundle.
+        threads_per_rank: torch threads per worker (default: cpus_per_rank rounded up).
         placement_group: use this group instead of the current one or a new one.
     """
 
@@ -72,6 +75,7 @@ class RayWorkerLauncher:
         strategy: str = "PACK",
         use_gpu: bool = False,
         cpus_per_rank: float = 1.0,
+        threads_per_rank: int | None = None,
         placement_group: PlacementGroup | None = None,
         ready_timeout_s: float = 120.0,
     ):
@@ -80,6 +84,7 @@ class RayWorkerLauncher:
         self.strategy = strategy
         self.use_gpu = use_gpu
         self.cpus_per_rank = cpus_per_rank
+        self.threads_per_rank = threads_per_rank or max(1, math.ceil(cpus_per_rank))
         self.ready_timeout_s = ready_timeout_s
         self._pg = placement_group
         self._own_pg = False
@@ -109,7 +114,7 @@ class RayWorkerLauncher:
                 f"{self.ready_timeout_s:.0f} s: the cluster lacks the resources"
             ) from None
         self._pg = pg
-        spec.num_threads = spec.num_threads or max(1, int(self.cpus_per_rank))
+        spec.num_threads = spec.num_threads or self.threads_per_rank
         for rank in range(1, spec.world_size):
             bundle = pg.bundle_specs[rank]
             actor = TPWorkerActor.options(

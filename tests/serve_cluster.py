@@ -7,11 +7,11 @@ from contextlib import contextmanager
 
 import pytest
 
-from deployments.config import SERVE_METRIC_ENV
+from deployments.config import SERVE_ENV
 
 
 @contextmanager
-def local_serve(num_cpus: int, env: Mapping[str, str] = SERVE_METRIC_ENV, **ray_init_kwargs) -> Iterator[int]:
+def local_serve(num_cpus: int, env: Mapping[str, str] = SERVE_ENV, **ray_init_kwargs) -> Iterator[int]:
     """Ray bound to 127.0.0.1 and Serve's proxy on a free port (yielded); all shut down on exit.
 
     `env` is set before Ray starts (its workers inherit it) and restored afterwards.

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from deployments.config import REPLICA_NAME, SERVE_METRIC_ENV, ServeConfig
+from deployments.config import REPLICA_NAME, SERVE_ENV, ServeConfig
 from engine import LLM, SamplingParams
 from engine.pull import pull_model
 from engine.tokenizer import Tokenizer
@@ -46,7 +46,7 @@ def server(tmp_path_factory):
 
     pull_model("smollm2-135m", progress=False)
     tiny = make_model(tmp_path_factory.mktemp("serve-tiny"))
-    env = dict(SERVE_METRIC_ENV, RAY_metrics_report_interval_ms="1000")  # inherited by the raylet's workers
+    env = dict(SERVE_ENV, RAY_metrics_report_interval_ms="1000")  # inherited by the raylet's workers
     metrics_port = free_port()
     with local_serve(num_cpus=8, env=env, _metrics_export_port=metrics_port) as port:
         configs = {

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -171,15 +174,57 @@ def test_cli_flags_override_the_config_file(tmp_path):
         build_config(Args)
 
 
-def test_metric_push_settings_are_names_ray_reads():
+def test_replicas_of_a_local_cluster_share_the_machines_cores(tmp_path):
+    """Ray sets an actor's OMP_NUM_THREADS to its num_cpus: one reserved CPU is one core of the engine."""
+    from deployments.cli import build_config
+
+    class Args:
+        config = None
+        model = "m"
+        num_replicas = 2
+        address = host = port = None
+
+    cores = os.cpu_count() or 1
+    config, _ = build_config(Args)
+    assert config.replica_num_cpus == max(1, cores // 2)
+    assert config.replica_threads == max(1, cores // 2)
+    Args.replica_num_cpus, Args.torch_threads = 0.5, 3  # explicit settings win
+    config, _ = build_config(Args)
+    assert (config.replica_num_cpus, config.replica_threads) == (0.5, 3)
+    del Args.replica_num_cpus, Args.torch_threads
+    Args.address = "auto"  # joining a cluster: its nodes are not this machine
+    config, _ = build_config(Args)
+    assert (config.replica_num_cpus, config.replica_threads) == (1.0, 1)
+
+
+def test_cpu_shares_count_every_rank_and_never_fall_below_one():
+    config = ServeConfig(model="m", max_replicas=2, tensor_parallel_size=2).share_cpus(16)
+    assert (config.replica_num_cpus, config.replica_threads) == (4.0, 4)
+    assert ServeConfig(model="m", num_replicas=3).share_cpus(2).replica_num_cpus == 1.0
+    assert ServeConfig(model="m", replica_num_cpus=1.5).replica_threads == 2
+
+
+def test_serve_settings_are_names_ray_reads():
     import ray.serve._private.constants as constants
 
-    from deployments.config import SERVE_METRIC_ENV
+    from deployments.config import SERVE_ENV
 
     source = Path(constants.__file__).read_text()
-    for name, value in SERVE_METRIC_ENV.items():
+    for name, value in SERVE_ENV.items():
         assert f'"{name}"' in source, f"Ray no longer reads {name}"
-        assert float(value) <= 1.0
+        if name.endswith("_INTERVAL_S"):
+            assert float(value) <= 1.0
+    assert SERVE_ENV["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1"
+
+
+def test_serve_processes_stream_over_grpc():
+    """What SERVE_ENV's gRPC setting turns on, read the way Serve reads it (a fresh interpreter)."""
+    from deployments.config import SERVE_ENV
+
+    code = "import ray.serve._private.constants as c; print(c.RAY_SERVE_USE_GRPC_BY_DEFAULT, c.RAY_SERVE_PROXY_USE_GRPC)"
+    env = dict(os.environ, **SERVE_ENV)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True"]
 
 
 def test_ray_cluster_yaml_passes_rays_own_validation():
