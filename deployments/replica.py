@@ -88,11 +88,10 @@ class ModelReplica:
 
     @staticmethod
     def _build_engine(config: ServeConfig) -> AsyncLLMEngine:
-        from engine.pull import resolve_model
-
         import torch
 
-        torch.set_num_threads(config.replica_threads)
+        from engine.pull import resolve_model
+
         engine_config = EngineConfig(**config.engine_kwargs(resolve_model(config.model)))
         launcher = None
         if config.tensor_parallel_size > 1:
@@ -105,9 +104,15 @@ class ModelReplica:
                 cpus_per_rank=config.replica_num_cpus,
                 threads_per_rank=config.replica_threads,
             )
-        engine = LLMEngine(engine_config, launcher)
-        engine.warm_up()
-        return AsyncLLMEngine(engine)
+
+        def build() -> LLMEngine:
+            torch.set_num_threads(config.replica_threads)  # OpenMP keeps it per thread: set it on this one
+            engine = LLMEngine(engine_config, launcher)
+            engine.warm_up()
+            return engine
+
+        # Built on the stepping thread: one OpenMP master per process (see engine/async_engine.py).
+        return AsyncLLMEngine(build)
 
     # ---- load ----------------------------------------------------------------
 

@@ -78,3 +78,32 @@ def test_bad_request_raises_and_others_continue(async_engine):
 
     outs = asyncio.run(main())
     assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 6
+
+
+def test_a_factory_builds_the_engine_on_the_stepping_thread(model_dir):
+    import threading
+
+    from engine import LLMEngine
+
+    built_on = []
+
+    def build():
+        built_on.append(threading.current_thread().name)
+        return LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=32, block_size=4, max_model_len=64))
+
+    engine = AsyncLLMEngine(build)
+    try:
+        assert built_on == [engine._thread.name] and built_on[0] != threading.current_thread().name
+        params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+        outs = asyncio.run(collect(engine, "f", {"prompt_token_ids": [5, 6, 7]}, params))
+        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 3
+    finally:
+        engine.shutdown()
+
+
+def test_a_factory_that_fails_raises_in_the_constructor(tmp_path):
+    def build():
+        raise FileNotFoundError(f"no model at {tmp_path / 'missing'}")
+
+    with pytest.raises(FileNotFoundError, match="no model at"):
+        AsyncLLMEngine(build)
