@@ -11,7 +11,7 @@ and faults in the KV cache in parallel, warm-up runs the model). libgomp keeps
 a worker pool per thread that starts regions, and with more pool threads than
 cores its workers sleep right after each region: every one of the hundreds of
 regions of a decode step then pays a wake-up. SmolLM2 bf16, batch-1 decode
-step on 2 cores: 11.5-12.3 ms built on another thread, 10.1-10.6 ms here.
+step on 2 cores: 11.1-12.3 ms built on another thread, 9.5-10.6 ms here.
 """
 
 from __future__ import annotations
