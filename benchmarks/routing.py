@@ -1,10 +1,11 @@
 """Routing policies on a real local Ray cluster: the multi-tenant shared-context workload.
 
 The real thing end to end: Serve's HTTP proxy, the OpenAI ingress, the head-node
-scheduler actor, N ModelReplicas of the tests' tiny random Llama (2 layers, hidden 64;
-prompts sent as token ids), driven by the real `openai` client. Every policy runs in the same
-process on the same arrivals; each gets a fresh deployment (new replicas, empty KV
-caches, a new scheduler), so no policy inherits another's cache.
+scheduler actor, N ModelReplicas of a random Llama (`--model`: llama-88m in bf16 by
+default, or the tests' tiny 2-layer one; prompts sent as token ids), driven by the real
+`openai` client. Every policy runs in the same process on the same arrivals; each gets a
+fresh deployment (new replicas, empty KV caches, a new scheduler), so no policy
+inherits another's cache.
 
 Workload (llm-d's shape, scaled down to two shared CPU cores): `tenants` tenants, each
 with a shared context of `context_tokens`, asking short questions (`question_tokens`,
@@ -12,11 +13,17 @@ answers of `output_tokens`), Poisson arrivals at `rate` requests/s, tenants draw
 uniformly. The contexts fill `kv_fill` of the cluster's KV cache: one replica holds
 about 1/kv_fill of its share of them, so a replica that sees every tenant thrashes.
 
-The default rate, 10 requests/s, sits between the policies' capacities on this 2-core
-machine (measured in this harness, at load average 10-12 from other jobs: round_robin
-completes about 8 requests/s, kv_aware about 11.7): a KV-blind router falls behind and
-queues, exact routing keeps up. At 8/s every policy keeps up (throughput ratio about 1,
-TTFT p90 4.5x); at 16/s every policy saturates (throughput 1.45x, TTFT 2.2x).
+Which model decides what a cache hit is worth. With llama-88m a 1024-token context
+costs about a second of prefill on a replica's core, as a real context does on real
+hardware, so a miss costs throughput as well as TTFT. The default rate, 3 requests/s,
+sits between the policies' capacities with it on this 2-core machine: round_robin
+completes about 2 requests/s (41 output tokens/s) and falls behind; kv_aware keeps up
+or nearly (measured 2026-11-28, quiet machine: throughput 1.42x, TTFT p90 17.8x, hit
+rate 0.80 of the oracle's; near its own capacity, requests that find their replica busy
+recompute their context elsewhere). With the tiny model a prefill is almost free: every
+policy sustains the same rate on a quiet machine (at 10/s: throughput 1.0x, hit rate
+1.0 of the oracle's, TTFT p90 1.1x), and only a machine loaded by other work separated
+them (load average 10-12: throughput 1.225x, TTFT p90 18.6x).
 
 The machine is shared: before each policy the benchmark waits (up to `--wait-max`) for
 other processes to go quiet, and records the cores they used during the measurement
@@ -30,7 +37,7 @@ request hits its tenant's whole context except each tenant's first; achievable h
 because the contexts can be packed onto the replicas, each on one, with a tenth of
 every cache left for questions and answers (`oracle_packable`).
 
-    python benchmarks/routing.py [--replicas 3 --tenants 6 --requests 240 --rate 10 ...]
+    python benchmarks/routing.py [--model llama-88m|tiny --replicas 3 --tenants 6 --requests 240 --rate 3 ...]
 
 Run as root it re-executes itself in a loopback-only network namespace. Progress goes to
 stderr; the last line of stdout is one JSON object.
@@ -69,8 +76,9 @@ class Workload:
     replicas: int = 3
     tenants: int = 6
     requests: int = 240
-    # Between what a KV-blind router sustains here and what exact routing sustains (see the module docstring).
-    rate: float = 10.0
+    # Between what a KV-blind router sustains here and what exact routing sustains (see the module
+    # docstring); 0: the model's default (BENCH_MODELS).
+    rate: float = 0.0
     context_tokens: int = 1024
     question_tokens: tuple[int, int] = (16, 64)
     output_tokens: tuple[int, int] = (8, 32)
@@ -78,6 +86,7 @@ class Workload:
     kv_fill: float = 0.8
     max_num_seqs: int = 8
     seed: int = 0
+    dtype: str = "float32"
 
     @property
     def context_blocks(self) -> int:
@@ -108,9 +117,20 @@ class Outcome:
     error: Optional[str] = None
 
 
-def bench_model() -> Path:
-    """The tiny random Llama with a tokenizer (the ingress needs one), 2048 positions; built once."""
-    folder = BENCH_DIR / "models" / "routing-tiny"
+# The models the benchmark can serve: each a random Llama with a tokenizer (the ingress needs one).
+# llama-88m (../shared/PEERS.md's model, bf16) makes a prefill cost what it costs in real serving,
+# so a cache hit saves work; tiny (2 layers, hidden 64) measures the routing path alone, where a
+# 1024-token prefill is almost free and every policy sustains about the same rate.
+BENCH_MODELS = {"llama-88m": ("bfloat16", 3.0), "tiny": ("float32", 10.0)}  # name -> (dtype, default rate)
+
+
+def bench_model(name: str) -> Path:
+    """The random model `name` (BENCH_MODELS) with a tokenizer, 2048 positions; built once."""
+    import torch
+
+    from benchmarks.models import RANDOM_MODELS
+
+    folder = BENCH_DIR / "models" / f"routing-{name}"
     if (folder / "config.json").is_file():
         return folder
     import shutil
@@ -120,7 +140,8 @@ def bench_model() -> Path:
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    make_model(tmp, max_position_embeddings=2048, seed=0)
+    dtype = getattr(torch, BENCH_MODELS[name][0])
+    make_model(tmp, seed=0, dtype=dtype, **RANDOM_MODELS[name])
     tmp.rename(folder)
     return folder
 
@@ -226,7 +247,7 @@ def deploy(folder: Path, w: Workload, policy: str) -> float:
     from deployments.config import ServeConfig
 
     config = ServeConfig(
-        model=str(folder), served_model_name="tiny", routing=policy, num_replicas=w.replicas,
+        model=str(folder), served_model_name="bench", dtype=w.dtype, routing=policy, num_replicas=w.replicas,
         max_model_len=w.context_tokens + w.question_tokens[1] + w.output_tokens[1] + w.block_size,
         num_kv_blocks=w.blocks_per_replica, block_size=w.block_size, max_num_seqs=w.max_num_seqs,
         max_queue_len=max(64, w.requests), torch_threads=1, replica_num_cpus=1, request_timeout_s=None,
@@ -277,7 +298,7 @@ async def send(client, a: Arrival, t0: float) -> Outcome:
     out = Outcome(a.tenant, time.monotonic() - t0)
     try:
         stream = await client.completions.create(
-            model="tiny", prompt=a.tokens, max_tokens=a.max_tokens, temperature=0, logprobs=0, stream=True,
+            model="bench", prompt=a.tokens, max_tokens=a.max_tokens, temperature=0, logprobs=0, stream=True,
             stream_options={"include_usage": True}, user=f"tenant{a.tenant}", extra_body={"ignore_eos": True},
         )
         async for chunk in stream:
@@ -394,12 +415,15 @@ def parse_args(argv: list[str]) -> tuple[Workload, argparse.Namespace]:
     for name in ("replicas", "tenants", "requests", "rate", "context_tokens", "kv_fill", "max_num_seqs", "seed"):
         p.add_argument("--" + name.replace("_", "-"), type=type(getattr(w, name)), default=getattr(w, name))
     p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--model", choices=list(BENCH_MODELS), default="llama-88m", help="the served random model (default llama-88m)")
     p.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the local Ray cluster (replicas reserve 1 each)")
     p.add_argument("--quiet-cores", type=float, default=0.5, help="before each policy, wait until other processes use fewer cores")
     p.add_argument("--wait-max", type=float, default=180.0, help="seconds to wait for that at most (then measure anyway)")
     args = p.parse_args(argv)
     for name in ("replicas", "tenants", "requests", "rate", "context_tokens", "kv_fill", "max_num_seqs", "seed"):
         setattr(w, name, getattr(args, name))
+    w.dtype, default_rate = BENCH_MODELS[args.model]
+    w.rate = w.rate or default_rate
     unknown = set(args.policies.split(",")) - set(POLICIES)
     if unknown:
         p.error(f"unknown policies {sorted(unknown)}; expected some of {POLICIES}")
@@ -409,7 +433,7 @@ def parse_args(argv: list[str]) -> tuple[Workload, argparse.Namespace]:
 def main(argv: list[str]) -> dict:
     isolation = ensure_netns([__file__, *argv])
     w, args = parse_args(argv)
-    folder = bench_model()
+    folder = bench_model(args.model)
     vocab = read_config(folder)["vocab_size"]
     arrivals = make_arrivals(w, vocab)
     orc = oracle(w, arrivals)
@@ -433,8 +457,8 @@ def main(argv: list[str]) -> dict:
         ray.shutdown()
     summary: dict[str, Any] = {
         "benchmark": "routing",
-        "model": "tiny random Llama (tests/models.py: 2 layers, hidden 64, vocab 512), prompts as token ids",
-        "workload": {k: getattr(w, k) for k in ("replicas", "tenants", "requests", "rate", "context_tokens", "kv_fill", "max_num_seqs", "seed")}
+        "model": f"{args.model} (random Llama, benchmarks/models.py) in {w.dtype}, prompts as token ids",
+        "workload": {k: getattr(w, k) for k in ("replicas", "tenants", "requests", "rate", "context_tokens", "kv_fill", "max_num_seqs", "seed", "dtype")}
         | {"blocks_per_replica": w.blocks_per_replica, "question_tokens": list(w.question_tokens), "output_tokens": list(w.output_tokens)},
         "oracle_hit_rate": round(orc["hit_rate"], 4),
         "oracle_packable": orc["packable"],
