@@ -239,6 +239,12 @@ def test_ray_cluster_yaml_passes_rays_own_validation():
     assert any("RAY_AUTH_MODE=token" in c and "--num-gpus" in c for c in config["worker_start_ray_commands"])
     assert "~/.ray/auth_token" in config["file_mounts"]
     assert any("shardline serve" in c for c in config["head_start_ray_commands"])
+    from deployments.config import SERVE_ENV
+
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        ray_start = next(c for c in commands if "ray start" in c)
+        for name, value in SERVE_ENV.items():  # every Serve process of every node gets the app's settings
+            assert f"{name}={value}" in ray_start, name
 
 
 # ---- the app in process ----------------------------------------------------------------
