@@ -35,8 +35,9 @@ request in `admitted_ids`, when the request finishes, or after
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from cluster.global_queue import GlobalQueue, QueuedRequest, QueueLimits, Rejection
 from cluster.kv_index import ApplyResult, IndexStats, KVIndex, WireEvent
@@ -201,6 +202,8 @@ class _Replica:
     pending: dict[str, _Binding] = field(default_factory=dict)
     pending_blocks: int = 0
     pending_tokens: int = 0
+    # Prompt block hashes of the requests bound here and not finished, with counts.
+    running_blocks: Counter = field(default_factory=Counter)
 
     def effective_load(self) -> ReplicaLoad:
         return self.load.with_pending(len(self.pending), self.pending_blocks, self.pending_tokens)
@@ -209,6 +212,24 @@ class _Replica:
         self.pending[b.request.request_id] = b
         self.pending_blocks += b.blocks
         self.pending_tokens += b.tokens
+
+    def hold_prompt(self, block_hashes: Sequence[bytes]) -> None:
+        self.running_blocks.update(block_hashes)
+
+    def release_prompt(self, block_hashes: Sequence[bytes]) -> None:
+        self.running_blocks.subtract(block_hashes)
+        for h in block_hashes:
+            if self.running_blocks[h] <= 0:
+                del self.running_blocks[h]
+
+    def running_match(self, block_hashes: Sequence[bytes]) -> int:
+        """Leading blocks of a prompt that a request running here holds (or is computing)."""
+        n = 0
+        for h in block_hashes:
+            if h not in self.running_blocks:
+                break
+            n += 1
+        return n
 
     def end_pending(self, request_id: str) -> None:
         b = self.pending.pop(request_id, None)
@@ -312,7 +333,7 @@ class Scheduler:
         def try_place(item: QueuedRequest) -> str | None:
             req = item.request
             limits = self.config.batch_limits if req.priority is Priority.BATCH else self.config.interactive_limits
-            matches = self.index.matches(req.block_hashes)
+            matches = self._matches(req.block_hashes, loads)
             views = build_views(req, loads, matches, limits, indexed, check_kv=self.policy.uses_kv)
             rid = self.policy.choose(req, views, waited_s=now - item.arrival)
             if rid is None:
@@ -342,9 +363,27 @@ class Scheduler:
         self.queue.dispatch(try_place, now, has_room)
         return out
 
+    def _matches(self, block_hashes: Sequence[bytes], loads: Mapping[str, ReplicaLoad]) -> dict[str, int]:
+        """Leading prompt blocks each replica has: cached (the index) or held by a request running there.
+
+        A request's prompt blocks are in its replica's cache from its first
+        step until it finishes, but the index hears of them only when the
+        replica reports them stored, after the prefill. Without the second
+        term, requests that arrive during a long prefill of their shared
+        context see it nowhere and start recomputing it on other replicas,
+        evicting what those hold.
+        """
+        matches = self.index.matches(block_hashes)
+        for rid in loads:
+            held = self._replicas[rid].running_match(block_hashes)
+            if held > matches.get(rid, 0):
+                matches[rid] = held
+        return matches
+
     def _bind(self, b: _Binding) -> None:
         self._bindings[b.request.request_id] = b
         self._replicas[b.replica_id].add_pending(b)
+        self._replicas[b.replica_id].hold_prompt(b.request.block_hashes)
         self._num_bound += 1
         self._bound_prompt_tokens += b.request.num_prompt_tokens
         self._predicted_cached_tokens += b.request.num_prompt_tokens - b.tokens
@@ -363,6 +402,7 @@ class Scheduler:
         replica = self._replicas.get(b.replica_id)
         if replica is not None:
             replica.end_pending(request_id)
+            replica.release_prompt(b.request.block_hashes)
         if usage is not None:
             self.ledger.charge(
                 b.request.tenant_id, self.config.model, b.replica_id,

@@ -95,6 +95,30 @@ def test_salted_tenant_never_scores_on_another_tenants_blocks():
     assert s.poll_assignments(now=0.0)[0].replica_id == "r0"
 
 
+def test_a_context_being_prefilled_attracts_the_requests_that_share_it():
+    """The index hears of a prompt's blocks after the prefill; a request running there holds them already."""
+    s = Scheduler()
+    c = Cluster(s)
+    _, other_context = prompt(n=1440, seed=9)
+    c.report("r0", load(running=0, free=100, blocks=100))
+    c.report("r1", load(running=0, free=100, blocks=100), events=[(STORED, other_context)])  # 90 of 100 blocks
+    s.submit(rr("first", n=1024, seed=3), now=0.0)
+    assert s.poll_assignments(now=0.0) == [Assignment("first", "r0", "t", 0, 0.0)]
+    c.report("r0", load(running=1, free=35, blocks=100, tokens=1024), admitted=["first"], now=0.1)  # no KV events yet
+    # Same context, another question: it joins the replica computing the context rather than
+    # recompute it on r1 and evict what r1 holds.
+    tokens, _ = prompt(n=1024, seed=3)
+    follow = RouteRequest("follow", "t", tuple(hash_prompt_blocks(tokens + [7] * 40, BS)), BS, 1064, 16)
+    s.submit(follow, now=0.2)
+    assert s.poll_assignments(now=0.2) == [Assignment("follow", "r0", "t", 1024, pytest.approx(0.0))]
+    # Once both finish, with nothing reported stored, no replica scores on that context.
+    for rid in ("first", "follow"):
+        s.on_request_finished(rid, None, now=1.0)
+    c.report("r0", load(running=0, free=100, blocks=100), now=1.0)
+    s.submit(rr("later", n=1024, seed=3), now=1.1)
+    assert s.poll_assignments(now=1.1)[0].cached_tokens == 0
+
+
 def test_pending_bindings_spread_a_burst():
     """Between two reports, a burst does not all land on the replica that looked emptiest."""
     s = Scheduler()
