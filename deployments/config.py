@@ -9,7 +9,6 @@ fails at deploy time, not at the first request.
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 from typing import Any, Optional
 
@@ -224,8 +223,8 @@ class ServeConfig(BaseModel):
     def replica_threads(self) -> int:
         """torch threads of one replica (or tensor-parallel rank): torch_threads, else its CPU reservation rounded up.
 
-        Explicit because Ray sets OMP_NUM_THREADS to an actor's num_cpus only
-        when that is 1 or more, and torch's own default counts the whole machine.
+        Explicit rather than left to Ray's OMP_NUM_THREADS (an actor's num_cpus)
+        or to torch's default (every core of the machine, shared by all replicas).
         """
         return self.torch_threads or max(1, math.ceil(self.replica_num_cpus))
 

@@ -106,7 +106,7 @@ class ModelReplica:
             )
 
         def build() -> LLMEngine:
-            torch.set_num_threads(config.replica_threads)  # OpenMP keeps it per thread: set it on this one
+            torch.set_num_threads(config.replica_threads)
             engine = LLMEngine(engine_config, launcher)
             engine.warm_up()
             return engine

@@ -15,7 +15,6 @@ never as a Ray call per step: Ray only starts, watches and stops them.
 from __future__ import annotations
 
 import math
-
 import time
 import uuid
 from typing import Any

@@ -41,3 +41,15 @@ def test_routing_benchmark_workload_oracle_and_figures():
     s = summarize(w, outcomes, oracle_hit=0.5)
     assert (s["completed"], s["failed"], s["hit_rate"], s["hit_vs_oracle"]) == (2, 1, 0.25, 0.5)
     assert (s["ttft_p50_s"], s["makespan_s"], s["output_tok_per_s"]) == (0.2, 2.0, 10.0)
+
+
+def test_routing_benchmark_model_sets_dtype_and_default_rate():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.routing import BENCH_MODELS, parse_args
+
+    w, args = parse_args([])
+    assert (args.model, w.dtype, w.rate) == ("llama-88m", "bfloat16", BENCH_MODELS["llama-88m"][1])
+    w, _ = parse_args(["--model", "tiny"])
+    assert (w.dtype, w.rate) == ("float32", BENCH_MODELS["tiny"][1])
+    w, _ = parse_args(["--model", "tiny", "--rate", "7"])
+    assert w.rate == 7.0
