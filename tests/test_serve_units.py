@@ -147,6 +147,9 @@ def test_serve_yaml_is_a_valid_serve_config_for_the_same_app():
     fields, http = load_config_file(str(REPO / "serve.yaml"))
     config = ServeConfig(**fields)
     assert config.model == "smollm2-135m" and http["port"] == 8000
+    from deployments.config import SERVE_ENV
+
+    assert raw["applications"][0]["runtime_env"]["env_vars"] == SERVE_ENV  # what `shardline serve` sets
     app = app_builder(fields)  # builds the graph without a cluster
     assert app is not None
     with pytest.raises(Exception, match="extra"):
