@@ -217,10 +217,13 @@ class _Replica:
         self.running_blocks.update(block_hashes)
 
     def release_prompt(self, block_hashes: Sequence[bytes]) -> None:
-        self.running_blocks.subtract(block_hashes)
+        held = self.running_blocks
         for h in block_hashes:
-            if self.running_blocks[h] <= 0:
-                del self.running_blocks[h]
+            left = held[h] - 1
+            if left > 0:
+                held[h] = left
+            else:
+                del held[h]
 
     def running_match(self, block_hashes: Sequence[bytes]) -> int:
         """Leading blocks of a prompt that a request running here holds (or is computing)."""
@@ -374,10 +377,15 @@ class Scheduler:
         evicting what those hold.
         """
         matches = self.index.matches(block_hashes)
+        if not block_hashes:
+            return matches
+        first = block_hashes[0]
         for rid in loads:
-            held = self._replicas[rid].running_match(block_hashes)
-            if held > matches.get(rid, 0):
-                matches[rid] = held
+            replica = self._replicas[rid]
+            if first in replica.running_blocks:  # most replicas miss here: one lookup each
+                held = replica.running_match(block_hashes)
+                if held > matches.get(rid, 0):
+                    matches[rid] = held
         return matches
 
     def _bind(self, b: _Binding) -> None:
