@@ -140,6 +140,14 @@ def _check_paged(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     return block_size, num_kv_heads
 
 
+def _paged_dims(
+    num_seqs: int, query: torch.Tensor, num_kv_heads: int, block_size: int, tables: torch.Tensor, scale: float
+) -> tuple:
+    """The trailing size arguments of paged_decode_* and paged_prefill_*."""
+    _, num_heads, head_dim = query.shape
+    return (num_seqs, num_heads, num_kv_heads, head_dim, block_size, tables.shape[1], float(scale), torch.get_num_threads())
+
+
 def paged_attention_decode(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -150,7 +158,6 @@ def paged_attention_decode(
 ) -> torch.Tensor:
     """Same contract as kernels.reference.paged_attention_decode, for fp32 or bf16 CPU tensors."""
     fn = _kernel("paged_decode", query.dtype)
-    num_seqs, num_heads, head_dim = query.shape
     block_size, num_kv_heads = _check_paged(query, key_cache, value_cache)
     q = query.contiguous()
     tables = block_tables.to(torch.int32).contiguous()
@@ -163,14 +170,7 @@ def paged_attention_decode(
         tables.data_ptr(),
         lens.data_ptr(),
         out.data_ptr(),
-        num_seqs,
-        num_heads,
-        num_kv_heads,
-        head_dim,
-        block_size,
-        tables.shape[1],
-        float(scale),
-        torch.get_num_threads(),
+        *_paged_dims(query.shape[0], query, num_kv_heads, block_size, tables, scale),
     )
     if status != 0:
         raise MemoryError("native decode attention could not allocate its scratch space")
@@ -188,7 +188,6 @@ def paged_attention_prefill(
 ) -> torch.Tensor:
     """Same contract as kernels.reference.paged_attention_prefill; head dims other than 64
     and 128 (or a build without AVX-512) run the reference."""
-    num_tokens, num_heads, head_dim = query.shape
     block_size, num_kv_heads = _check_paged(query, key_cache, value_cache)
     q = query.contiguous()
     tables = block_tables.to(torch.int32).contiguous()
@@ -203,14 +202,7 @@ def paged_attention_prefill(
         starts.data_ptr(),
         lens.data_ptr(),
         out.data_ptr(),
-        lens.shape[0],
-        num_heads,
-        num_kv_heads,
-        head_dim,
-        block_size,
-        tables.shape[1],
-        float(scale),
-        torch.get_num_threads(),
+        *_paged_dims(lens.shape[0], query, num_kv_heads, block_size, tables, scale),
     )
     if status == 2:
         from kernels import reference

@@ -247,10 +247,11 @@ static inline __m512 hsum16(const __m512* v) {
             }                                                                                             \
         }                                                                                                 \
     }
-DEFINE_PV_ALL(f32, float, ld16_f32, 4)
-DEFINE_PV_ALL(f32, float, ld16_f32, 8)
-DEFINE_PV_ALL(bf16, uint16_t, ld16_bf16, 4)
-DEFINE_PV_ALL(bf16, uint16_t, ld16_bf16, 8)
+// The attention kernels' variants: storage type and head_dim / 16 (64 and 128),
+// instantiated by each DEFINE_* below; FAST_ATTEND and the prefill switch pick among them.
+#define FOR_EACH_ATTENTION_VARIANT(M) \
+    M(f32, float, ld16_f32, 4) M(f32, float, ld16_f32, 8) M(bf16, uint16_t, ld16_bf16, 4) M(bf16, uint16_t, ld16_bf16, 8)
+FOR_EACH_ATTENTION_VARIANT(DEFINE_PV_ALL)
 
 // Decode attention for head_dim 64 or 128 (DC = head_dim / 16 vectors per row),
 // one sequence and its kv heads [k0, k1): scores for 16 tokens at a time (one
@@ -317,10 +318,7 @@ DEFINE_PV_ALL(bf16, uint16_t, ld16_bf16, 8)
                             scores + (long)kvh * group * ctx, ctx, out + (long)kvh * group * D, D);       \
         }                                                                                                 \
     }
-DEFINE_FAST_ATTEND(f32, float, ld16_f32, 4)
-DEFINE_FAST_ATTEND(f32, float, ld16_f32, 8)
-DEFINE_FAST_ATTEND(bf16, uint16_t, ld16_bf16, 4)
-DEFINE_FAST_ATTEND(bf16, uint16_t, ld16_bf16, 8)
+FOR_EACH_ATTENTION_VARIANT(DEFINE_FAST_ATTEND)
 #define HAVE_FAST_ATTEND 1
 // Rounds 16 fp32 lanes through the storage dtype, as torch's elementwise ops do.
 static inline __m512 round_f32(__m512 v) { return v; }
@@ -499,10 +497,7 @@ DEFINE_DECODE(paged_decode_bf16, uint16_t, bf16_to_f32, f32_to_bf16, bf16)
             }                                                                                             \
         }                                                                                                 \
     }
-DEFINE_PREFILL_TILE(f32, float, ld16_f32, 4)
-DEFINE_PREFILL_TILE(f32, float, ld16_f32, 8)
-DEFINE_PREFILL_TILE(bf16, uint16_t, ld16_bf16, 4)
-DEFINE_PREFILL_TILE(bf16, uint16_t, ld16_bf16, 8)
+FOR_EACH_ATTENTION_VARIANT(DEFINE_PREFILL_TILE)
 #endif
 
 #define DEFINE_PREFILL(NAME, ELEM, SFX)                                                                  \
