@@ -377,15 +377,10 @@ class Scheduler:
         evicting what those hold.
         """
         matches = self.index.matches(block_hashes)
-        if not block_hashes:
-            return matches
-        first = block_hashes[0]
         for rid in loads:
-            replica = self._replicas[rid]
-            if first in replica.running_blocks:  # most replicas miss here: one lookup each
-                held = replica.running_match(block_hashes)
-                if held > matches.get(rid, 0):
-                    matches[rid] = held
+            held = self._replicas[rid].running_match(block_hashes)
+            if held > matches.get(rid, 0):
+                matches[rid] = held
         return matches
 
     def _bind(self, b: _Binding) -> None:
