@@ -142,7 +142,7 @@ class AsyncLLMEngine:
             self._wake.notify()
 
     def stats(self) -> dict[str, float]:
-        """The engine's load after its last step (see LLMEngine.stats)."""
+        """The engine's load as of the batch it is running (see LLMEngine.stats and `step(on_scheduled=)`)."""
         return dict(self._stats, num_pending=len(self._commands))
 
     def take_kv_events(self) -> list[KVEvent]:
@@ -174,18 +174,21 @@ class AsyncLLMEngine:
             for command in commands:
                 self._apply(command)
             if not self.engine.has_unfinished_requests():
-                self._stats = self.engine.stats()
+                self._publish_stats()
                 continue
             try:
-                outputs = self.engine.step()
+                outputs = self.engine.step(on_scheduled=self._publish_stats)
             except BaseException as e:  # a model error must not hang the requests in flight
                 self._fail_all(e)
                 continue
             self._kv_events.extend(self.engine.take_kv_events())
-            self._stats = self.engine.stats()
+            self._publish_stats()
             for out in outputs:
                 self._deliver(out.request_id, out, done=out.finished)
         self._fail_all(EngineDeadError("engine shut down"))
+
+    def _publish_stats(self) -> None:
+        self._stats = self.engine.stats()
 
     def _apply(self, command: _Add | _Abort) -> None:
         if isinstance(command, _Abort):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -317,13 +317,18 @@ class LLMEngine:
 
     # ---- the step ----------------------------------------------------------
 
-    def step(self, final_only: bool = False) -> list[RequestOutput]:
+    def step(self, final_only: bool = False, on_scheduled: Callable[[], None] | None = None) -> list[RequestOutput]:
         """Run one iteration; return the outputs of every request that progressed.
 
         With `final_only`, only finished requests get an output (the offline
         API needs nothing else, and building cumulative outputs costs O(tokens)).
+        `on_scheduled` runs after the step's batch is chosen and before the
+        model runs: the async engine publishes its load there, so a request
+        whose long prefill is running counts as running, not waiting.
         """
         sched = self.scheduler.schedule()
+        if on_scheduled is not None:
+            on_scheduled()
         touched: dict[str, _RequestState] = {}
         if not sched.is_empty:
             step_start = time.time()

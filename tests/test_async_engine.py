@@ -107,3 +107,49 @@ def test_a_factory_that_fails_raises_in_the_constructor(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="no model at"):
         AsyncLLMEngine(build)
+
+
+def test_a_request_in_the_running_step_counts_as_running(model_dir):
+    """Load is published once the step's batch is chosen, not only after the model ran.
+
+    A router reading `stats()` during a long prefill must see the request
+    running (a free slot is still free), not waiting: the head-node scheduler
+    binds nothing to a replica that reports waiting requests.
+    """
+    import threading
+    import time
+
+    from engine import LLMEngine
+
+    gate = threading.Event()
+
+    def build():
+        engine = LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=32, block_size=4, max_model_len=64))
+        execute = engine.runner.execute
+
+        def held_execute(sched):
+            gate.wait(timeout=60)  # the model "runs" until the test has looked
+            return execute(sched)
+
+        engine.runner.execute = held_execute
+        return engine
+
+    engine = AsyncLLMEngine(build)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+
+        async def main():
+            task = asyncio.ensure_future(collect(engine, "long-prefill", {"prompt_token_ids": list(range(3, 40))}, params))
+            deadline = time.monotonic() + 5
+            while engine.stats()["num_running"] == 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            during = engine.stats()
+            gate.set()
+            return during, await task
+
+        during, outs = asyncio.run(main())
+        assert (during["num_running"], during["num_waiting"], during["num_pending"]) == (1, 0, 0)
+        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 2
+    finally:
+        gate.set()
+        engine.shutdown()
