@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("replicas", "tenants", "requests", "rate", "context_tokens", "kv_fill", "seed", "max_num_seqs"):
         p.add_argument("--" + name.replace("_", "-"), type=type(getattr(w, name)), default=getattr(w, name))
     p.add_argument("--policies", default=",".join(POLICIES))
-    p.add_argument("--capacity-replicas", type=lambda v: [int(x) for x in v.split(",") if x], default=[4, 16, 64],
+    p.add_argument("--capacity-replicas", type=lambda v: [int(x) for x in v.split(",") if x], default=[4, 16, 64, 256],
                    help="replica counts for the scheduler capacity measurement (empty: skip)")
     p.add_argument("--kv-knobs", type=json.loads, default={}, help='kv_aware knobs as JSON, e.g. {"decode_weight": 4}')
     args = p.parse_args(argv)

@@ -283,6 +283,11 @@ class KVIndex:
         entry = self._replicas.get(ReplicaId(replica_id))
         return frozenset(entry.hashes) if entry else frozenset()
 
+    def block_count(self, replica_id: str) -> int:
+        """Hashes held by one replica (0 if unknown)."""
+        entry = self._replicas.get(replica_id)
+        return len(entry.hashes) if entry else 0
+
     def block_counts(self) -> dict[str, int]:
         """Hashes held per replica (its cache's occupancy as the index sees it)."""
         return {rid: len(e.hashes) for rid, e in self._replicas.items()}
@@ -295,3 +300,68 @@ class KVIndex:
             num_gaps=self._num_gaps,
         )
 
+
+
+def common_prefix_blocks(a: Sequence[bytes], b: Sequence[bytes]) -> int:
+    """Leading blocks two chained hash lists share.
+
+    A chained hash names its whole prefix, so `a[i] == b[i]` implies every
+    block before it matches too: a binary search on one element finds the
+    answer in O(log n) compares.
+    """
+    lo, hi = 0, min(len(a), len(b))  # a[:lo] matches; a[:hi + 1] cannot
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[mid - 1] == b[mid - 1]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class RunningPrompts:
+    """The prompts of requests bound to each replica and not finished, by first block.
+
+    A request's prompt blocks sit in its replica's cache from its first step
+    until it finishes, but the index hears of them only once the replica
+    reports them stored, after the prefill. `matches` gives, per replica, the
+    leading blocks of a prompt that a running request there holds, so that
+    requests arriving during a long prefill of a shared context follow it.
+    """
+
+    def __init__(self) -> None:
+        # First block hash -> replica -> the hash lists of its running prompts.
+        self._by_first: dict[bytes, dict[str, list[Sequence[bytes]]]] = {}
+
+    def hold(self, replica_id: str, block_hashes: Sequence[bytes]) -> None:
+        if block_hashes:
+            self._by_first.setdefault(block_hashes[0], {}).setdefault(replica_id, []).append(block_hashes)
+
+    def release(self, replica_id: str, block_hashes: Sequence[bytes]) -> None:
+        """Forget one `hold` of these hashes (the request finished)."""
+        if not block_hashes:
+            return
+        by_replica = self._by_first.get(block_hashes[0], {})
+        prompts = by_replica.get(replica_id)
+        if prompts is None:
+            return
+        prompts.remove(block_hashes)
+        if not prompts:
+            del by_replica[replica_id]
+            if not by_replica:
+                del self._by_first[block_hashes[0]]
+
+    def matches(self, block_hashes: Sequence[bytes]) -> dict[str, int]:
+        """Leading blocks of `block_hashes` held by a running prompt, per replica with one."""
+        if not block_hashes:
+            return {}
+        return {
+            rid: max(common_prefix_blocks(p, block_hashes) for p in prompts)
+            for rid, prompts in self._by_first.get(block_hashes[0], {}).items()
+        }
+
+    def forget_replica(self, replica_id: str) -> None:
+        for first in [f for f, by_replica in self._by_first.items() if replica_id in by_replica]:
+            del self._by_first[first][replica_id]
+            if not self._by_first[first]:
+                del self._by_first[first]

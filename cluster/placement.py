@@ -1,9 +1,12 @@
 """Placement: which replica starts a request, given each replica's load and cache.
 
-Plain Python, no clock reads: the caller passes how long the request has
-waited. The scheduler builds one `ReplicaView` per live replica (its load plus
-bindings the replica has not reported yet, its exact cached prefix for this
-request, and whether it can start the request now), and a policy picks one.
+Plain Python and numpy, no clock reads: the caller passes how long the
+request has waited. A policy sees each live replica's load (plus bindings the
+replica has not reported yet), its exact cached prefix for this request, and
+whether it can start the request now, and picks one. The scheduler hands these
+over as columns (a `ReplicaTable` and arrays, `start_columns`), which
+`kv_aware` scores all at once, so a decision costs about the same at 256
+replicas as at 4; `choose` takes the same as a list of `ReplicaView`s.
 
 Policies, selectable by name (`make_policy`):
 
@@ -61,7 +64,10 @@ import random
 from dataclasses import dataclass, replace
 from typing import ClassVar, Mapping, Sequence
 
+import numpy as np
+
 from cluster.kv_index import BlockHash
+from cluster.replica_load import ReplicaLoad, ReplicaTable
 
 
 class Priority(str, enum.Enum):
@@ -69,57 +75,6 @@ class Priority(str, enum.Enum):
 
     INTERACTIVE = "interactive"
     BATCH = "batch"
-
-
-@dataclass(slots=True, frozen=True)
-class ReplicaLoad:
-    """A replica's load as it reports it (see `from_engine_stats`)."""
-
-    # Requests in the running batch.
-    num_running: int
-    # Requests queued inside the replica (it could not start them yet).
-    num_waiting: int
-    # KV blocks that can be handed out now (cached free blocks included).
-    num_free_blocks: int
-    # KV blocks in the pool.
-    num_blocks: int
-    # Prompt tokens admitted but not computed yet (the prefill backlog).
-    num_tokens_in_flight: int = 0
-    # Batch slots.
-    max_num_seqs: int = 128
-
-    @property
-    def active(self) -> int:
-        """Requests the replica holds, running or queued."""
-        return self.num_running + self.num_waiting
-
-    def with_pending(self, num_requests: int, num_blocks: int, num_tokens: int) -> "ReplicaLoad":
-        """This load plus bindings the replica has not reported yet."""
-        if not num_requests:
-            return self
-        return replace(
-            self,
-            num_running=self.num_running + num_requests,
-            num_free_blocks=self.num_free_blocks - num_blocks,
-            num_tokens_in_flight=self.num_tokens_in_flight + num_tokens,
-        )
-
-    @classmethod
-    def from_engine_stats(
-        cls, stats: Mapping[str, float], max_num_seqs: int, num_tokens_in_flight: int = 0
-    ) -> "ReplicaLoad":
-        """From `LLMEngine.stats()` (the wire edge: a dict, validated here)."""
-        try:
-            return cls(
-                num_running=int(stats["num_running"]),
-                num_waiting=int(stats["num_waiting"]),
-                num_free_blocks=int(stats["num_free_blocks"]),
-                num_blocks=int(stats["num_blocks"]),
-                num_tokens_in_flight=int(stats.get("num_tokens_in_flight", num_tokens_in_flight)),
-                max_num_seqs=max_num_seqs,
-            )
-        except KeyError as e:
-            raise ValueError(f"engine stats lack {e.args[0]!r}; got keys {sorted(stats)}") from None
 
 
 @dataclass(slots=True, frozen=True)
@@ -199,20 +154,41 @@ def blocks_needed(num_prompt_tokens: int, block_size: int, cached_blocks: int) -
     return -(-(num_prompt_tokens + 1) // block_size) - cached_blocks
 
 
-def can_start(load: ReplicaLoad, need_blocks: int, limits: StartLimits) -> bool:
-    """A free batch slot and enough free KV blocks, within the class's ceilings."""
-    if load.num_waiting > limits.max_replica_waiting:
-        return False
-    if load.active >= load.max_num_seqs * limits.max_seq_util:
-        return False
-    watermark = int(limits.kv_watermark * load.num_blocks)
-    if load.num_free_blocks - need_blocks < watermark:
-        return False
+def can_start(load: ReplicaLoad | ReplicaTable, need_blocks, limits: StartLimits):
+    """A free batch slot and enough free KV blocks, within the class's ceilings.
+
+    On a ReplicaTable, with `need_blocks` per row, it answers for every row at
+    once (a boolean array); on a ReplicaLoad, a bool.
+    """
+    ok = (load.num_waiting <= limits.max_replica_waiting) & (load.active < load.max_num_seqs * limits.max_seq_util)
+    ok = ok & (load.num_free_blocks - need_blocks >= np.floor(limits.kv_watermark * load.num_blocks))
     if limits.max_kv_util < 1.0:
-        used_after = load.num_blocks - load.num_free_blocks + need_blocks
-        if used_after > limits.max_kv_util * load.num_blocks:
-            return False
-    return True
+        ok = ok & (load.num_blocks - load.num_free_blocks + need_blocks <= limits.max_kv_util * load.num_blocks)
+    return ok if isinstance(ok, np.ndarray) else bool(ok)
+
+
+def start_columns(
+    request: RouteRequest,
+    table: ReplicaTable,
+    matches: Mapping[str, int],
+    limits: StartLimits,
+    check_kv: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of `table`: the prompt blocks its cache would serve, and whether it can start `request` now.
+
+    `matches`: leading prompt blocks each replica holds (replicas missing
+    from the table are ignored). With `check_kv=False` (the KV-blind
+    policies) a free batch slot is enough to start, as with Serve's own
+    routing: the replica's engine queues a request it has no blocks for.
+    """
+    n, bs = request.num_prompt_tokens, request.block_size
+    cached = np.zeros(len(table))
+    for rid, matched in matches.items():
+        if matched and rid in table:
+            cached[table.row(rid)] = usable_cached_blocks(n, bs, matched)
+    if not check_kv:
+        return cached, can_start(table, 0, replace(limits, kv_watermark=0.0, max_kv_util=1.0))
+    return cached, can_start(table, blocks_needed(n, bs, cached), limits)
 
 
 def build_views(
@@ -223,24 +199,14 @@ def build_views(
     indexed_blocks: Mapping[str, int] | None = None,
     check_kv: bool = True,
 ) -> list[ReplicaView]:
-    """One view per replica in `loads` (effective loads), in the mapping's order.
-
-    With `check_kv=False` (the KV-blind policies) a free batch slot is enough
-    to start, as with Serve's own routing: the replica's engine queues a
-    request it has no blocks for.
-    """
-    if not check_kv:
-        limits = replace(limits, kv_watermark=0.0, max_kv_util=1.0)
-    n, bs = request.num_prompt_tokens, request.block_size
-    need_all = blocks_needed(n, bs, 0)
+    """One view per replica in `loads` (effective loads), in the mapping's order (see `start_columns`)."""
     indexed_blocks = indexed_blocks or {}
-    views = []
-    for rid, load in loads.items():
-        matched = matches.get(rid, 0)
-        cached = usable_cached_blocks(n, bs, matched) if matched else 0
-        need = (need_all - cached) if check_kv else 0
-        views.append(ReplicaView(rid, load, cached, can_start(load, need, limits), indexed_blocks.get(rid, 0)))
-    return views
+    table = ReplicaTable.of((rid, load, indexed_blocks.get(rid, 0)) for rid, load in loads.items())
+    cached, start = start_columns(request, table, matches, limits, check_kv)
+    return [
+        ReplicaView(rid, load, int(cached[i]), bool(start[i]), indexed_blocks.get(rid, 0))
+        for i, (rid, load) in enumerate(loads.items())
+    ]
 
 
 def is_overloaded(active: int, min_active: int, balance_abs: float, balance_rel: float) -> bool:
@@ -258,6 +224,22 @@ class PlacementPolicy:
     def choose(self, request: RouteRequest, views: Sequence[ReplicaView], waited_s: float = 0.0) -> str | None:
         """A replica that can start `request` now, or None to keep it queued."""
         raise NotImplementedError
+
+    def choose_columns(
+        self,
+        request: RouteRequest,
+        table: ReplicaTable,
+        cached: np.ndarray,
+        start: np.ndarray,
+        eligible: np.ndarray,
+        waited_s: float = 0.0,
+    ) -> str | None:
+        """`choose` over the table's `eligible` rows (the scheduler's call; see `start_columns`)."""
+        views = [
+            ReplicaView(table.ids[i], table.load(i), int(cached[i]), bool(start[i]), int(table.indexed_blocks[i]))
+            for i in np.flatnonzero(eligible).tolist()
+        ]
+        return self.choose(request, views, waited_s)
 
     def on_placed(self, request: RouteRequest, replica_id: str) -> None:
         """The scheduler bound `request` to `replica_id`."""
@@ -342,47 +324,72 @@ class KVAwarePolicy(PlacementPolicy):
         self.affinity_wait_s = affinity_wait_s
         self.affinity_min_saving = affinity_min_saving
 
-    def cost(self, request: RouteRequest, view: ReplicaView) -> float:
-        """Estimated prefill-token-equivalents before this request's first token there."""
-        load = view.load
-        bs = request.block_size
-        uncached = request.num_prompt_tokens - view.cached_blocks * bs
-        need = blocks_needed(request.num_prompt_tokens, bs, view.cached_blocks)
-        empty = load.num_blocks - view.indexed_blocks
-        evicted_tokens = max(0, need - empty) * bs
+    def costs(self, request: RouteRequest, loads: ReplicaLoad | ReplicaTable, cached_blocks, indexed_blocks):
+        """Estimated prefill-token-equivalents before this request's first token.
+
+        For one replica (a ReplicaLoad, ints) or every row of a ReplicaTable
+        (arrays of cached and indexed blocks per row): one formula for both.
+        """
+        bs, n = request.block_size, request.num_prompt_tokens
+        uncached = n - cached_blocks * bs
+        need = blocks_needed(n, bs, cached_blocks)
+        evicted_tokens = np.maximum(0, need - (loads.num_blocks - indexed_blocks)) * bs
+        occupancy = np.minimum(1.0, indexed_blocks / np.maximum(1, loads.num_blocks))
         return (
             uncached
-            + self.backlog_weight * load.num_tokens_in_flight
-            + self.decode_weight * load.active
+            + self.backlog_weight * loads.num_tokens_in_flight
+            + self.decode_weight * loads.active
             + self.eviction_weight * evicted_tokens
-            + self.occupancy_weight * min(1.0, view.indexed_blocks / max(1, load.num_blocks)) * request.num_prompt_tokens
+            + self.occupancy_weight * occupancy * n
         )
+
+    def cost(self, request: RouteRequest, view: ReplicaView) -> float:
+        """`costs` for one view."""
+        return float(self.costs(request, view.load, view.cached_blocks, view.indexed_blocks))
 
     def choose(self, request, views, waited_s=0.0):
         if not views:
             return None
-        # One pass. The guard: a replica is overloaded when its active count
-        # exceeds both min + balance_abs and balance_rel * min.
-        min_active = min(v.load.num_running + v.load.num_waiting for v in views)
-        bound = max(min_active + self.balance_abs, self.balance_rel * min_active)
-        best = best_any = fallback = None  # (cost, indexed blocks, id, view)
-        for v in views:
-            key = (self.cost(request, v), v.indexed_blocks, v.replica_id, v)
-            allowed = v.load.num_running + v.load.num_waiting <= bound
-            if allowed and (best_any is None or key < best_any):
-                best_any = key
-            if v.can_start:
-                if allowed and (best is None or key < best):
-                    best = key
-                if fallback is None or key < fallback:
-                    fallback = key
-        best = best or fallback
+        table = ReplicaTable.of((v.replica_id, v.load, v.indexed_blocks) for v in views)
+        cached = np.array([v.cached_blocks for v in views], dtype=float)
+        start = np.array([v.can_start for v in views], dtype=bool)
+        return self.choose_columns(request, table, cached, start, np.ones(len(views), dtype=bool), waited_s)
+
+    def choose_columns(self, request, table, cached, start, eligible, waited_s=0.0):
+        if not eligible.any():
+            return None
+        costs = self.costs(request, table, cached, table.indexed_blocks)
+        # The guard: a replica is overloaded when its active count exceeds
+        # both min + balance_abs and balance_rel * min.
+        active = table.active
+        min_active = active[eligible].min()
+        allowed = eligible & (active <= max(min_active + self.balance_abs, self.balance_rel * min_active))
+        start = start & eligible
+        best = self._lowest(costs, table, start & allowed)
+        if best is None:
+            best = self._lowest(costs, table, start)
         if best is None:
             return None
-        if waited_s < self.affinity_wait_s and best_any is not None and not best_any[3].can_start:
-            if best[0] - best_any[0] >= self.affinity_min_saving:
+        if waited_s < self.affinity_wait_s:
+            best_any = self._lowest(costs, table, allowed)
+            if best_any is not None and not start[best_any] and costs[best] - costs[best_any] >= self.affinity_min_saving:
                 return None
-        return best[2]
+        return table.ids[best]
+
+    @staticmethod
+    def _lowest(costs: np.ndarray, table: ReplicaTable, mask: np.ndarray) -> int | None:
+        """The row of lowest cost among `mask`; ties: fewer blocks indexed, then replica id."""
+        rows = np.flatnonzero(mask)
+        if not len(rows):
+            return None
+        row_costs = costs[rows]
+        tied = rows[row_costs == row_costs.min()]
+        if len(tied) > 1:
+            indexed = table.indexed_blocks[tied]
+            tied = tied[indexed == indexed.min()]
+        if len(tied) == 1:
+            return int(tied[0])
+        return min(tied.tolist(), key=table.ids.__getitem__)
 
 
 class _Node:

@@ -35,12 +35,13 @@ request in `admitted_ids`, when the request finishes, or after
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
+
 from cluster.global_queue import GlobalQueue, QueuedRequest, QueueLimits, Rejection
-from cluster.kv_index import ApplyResult, IndexStats, KVIndex, WireEvent
+from cluster.kv_index import ApplyResult, IndexStats, KVIndex, RunningPrompts, WireEvent
 from cluster.placement import (
     DEFAULT_POLICY,
     Priority,
@@ -48,10 +49,10 @@ from cluster.placement import (
     RouteRequest,
     StartLimits,
     blocks_needed,
-    build_views,
     make_policy,
-    usable_cached_blocks,
+    start_columns,
 )
+from cluster.replica_load import ReplicaTable
 from cluster.tenants import TenantRegistry, Usage, UsageKey, UsageLedger
 
 
@@ -202,8 +203,6 @@ class _Replica:
     pending: dict[str, _Binding] = field(default_factory=dict)
     pending_blocks: int = 0
     pending_tokens: int = 0
-    # Prompt block hashes of the requests bound here and not finished, with counts.
-    running_blocks: Counter = field(default_factory=Counter)
 
     def effective_load(self) -> ReplicaLoad:
         return self.load.with_pending(len(self.pending), self.pending_blocks, self.pending_tokens)
@@ -212,27 +211,6 @@ class _Replica:
         self.pending[b.request.request_id] = b
         self.pending_blocks += b.blocks
         self.pending_tokens += b.tokens
-
-    def hold_prompt(self, block_hashes: Sequence[bytes]) -> None:
-        self.running_blocks.update(block_hashes)
-
-    def release_prompt(self, block_hashes: Sequence[bytes]) -> None:
-        held = self.running_blocks
-        for h in block_hashes:
-            left = held[h] - 1
-            if left > 0:
-                held[h] = left
-            else:
-                del held[h]
-
-    def running_match(self, block_hashes: Sequence[bytes]) -> int:
-        """Leading blocks of a prompt that a request running here holds (or is computing)."""
-        n = 0
-        for h in block_hashes:
-            if h not in self.running_blocks:
-                break
-            n += 1
-        return n
 
     def end_pending(self, request_id: str) -> None:
         b = self.pending.pop(request_id, None)
@@ -258,6 +236,12 @@ class Scheduler:
         self.queue = GlobalQueue(config.queue)
         self.ledger = UsageLedger(self.tenants)
         self._replicas: dict[str, _Replica] = {}
+        # Replicas that may hold pending bindings (a superset; see `_expire_pending`).
+        self._pending_replicas: set[str] = set()
+        # The replicas' effective loads as columns, kept current (see `_sync`).
+        self._table = ReplicaTable()
+        # Prompts of the requests bound and not finished (see `_matches`).
+        self._running = RunningPrompts()
         self._bindings: dict[str, _Binding] = {}
         self._num_bound = 0
         self._num_rejected = 0
@@ -307,8 +291,8 @@ class Scheduler:
         if not self._replicas:
             return None
         need = blocks_needed(request.num_prompt_tokens, request.block_size, 0)
-        wm = self.config.interactive_limits.kv_watermark
-        room = max(r.load.num_blocks - int(wm * r.load.num_blocks) for r in self._replicas.values())
+        blocks = self._table.num_blocks
+        room = int((blocks - np.floor(self.config.interactive_limits.kv_watermark * blocks)).max())
         if need <= room:
             return None
         return Rejection(
@@ -323,89 +307,96 @@ class Scheduler:
     def poll_assignments(self, now: float) -> list[Assignment]:
         """Bind every queued request some replica can start now, in fair order."""
         self._expire_pending(now)
-        loads = {
-            rid: r.effective_load()
-            for rid, r in self._replicas.items()
-            if not r.draining and now - r.last_report <= self.config.replica_timeout_s
-        }
-        if not loads or not len(self.queue):
+        if not self._replicas or not len(self.queue):
             return []
-        indexed = self.index.block_counts()
+        table = self._table
+        eligible = table.eligible(now, self.config.replica_timeout_s)
+        if not eligible.any():
+            return []
+        uses_kv = self.policy.uses_kv
+        wait_cap = self.config.interactive_limits.max_replica_waiting
+        # Rows with a free batch slot; kept current as requests bind (dispatch stops when none is left).
+        room = eligible & (table.active < table.max_num_seqs) & (table.num_waiting <= wait_cap)
         out: list[Assignment] = []
 
         def try_place(item: QueuedRequest) -> str | None:
             req = item.request
             limits = self.config.batch_limits if req.priority is Priority.BATCH else self.config.interactive_limits
-            matches = self._matches(req.block_hashes, loads)
-            views = build_views(req, loads, matches, limits, indexed, check_kv=self.policy.uses_kv)
-            rid = self.policy.choose(req, views, waited_s=now - item.arrival)
+            matches = self._matches(req.block_hashes)
+            cached, start = start_columns(req, table, matches, limits, check_kv=uses_kv)
+            rid = self.policy.choose_columns(req, table, cached, start & eligible, eligible, now - item.arrival)
             if rid is None:
                 return None
-            assert rid in loads, f"policy {self.policy.name} chose unknown replica {rid!r}"
-            cached = usable_cached_blocks(req.num_prompt_tokens, req.block_size, matches.get(rid, 0))
+            assert rid in self._replicas, f"policy {self.policy.name} chose unknown replica {rid!r}"
+            num_cached = int(cached[table.row(rid)])
             binding = _Binding(
                 request=req,
                 replica_id=rid,
                 arrival=item.arrival,
                 bound_at=now,
-                blocks=blocks_needed(req.num_prompt_tokens, req.block_size, cached),
-                tokens=req.num_prompt_tokens - cached * req.block_size,
+                blocks=blocks_needed(req.num_prompt_tokens, req.block_size, num_cached),
+                tokens=req.num_prompt_tokens - num_cached * req.block_size,
             )
             self._bind(binding)
-            loads[rid] = self._replicas[rid].effective_load()
+            row = table.row(rid)
+            room[row] = table.active[row] < table.max_num_seqs[row] and table.num_waiting[row] <= wait_cap
             self.policy.on_placed(req, rid)
             out.append(
-                Assignment(req.request_id, rid, req.tenant_id, cached * req.block_size, now - item.arrival)
+                Assignment(req.request_id, rid, req.tenant_id, num_cached * req.block_size, now - item.arrival)
             )
             return rid
 
-        def has_room() -> bool:
-            wait_cap = self.config.interactive_limits.max_replica_waiting
-            return any(ld.active < ld.max_num_seqs and ld.num_waiting <= wait_cap for ld in loads.values())
-
-        self.queue.dispatch(try_place, now, has_room)
+        self.queue.dispatch(try_place, now, lambda: bool(room.any()))
         return out
 
-    def _matches(self, block_hashes: Sequence[bytes], loads: Mapping[str, ReplicaLoad]) -> dict[str, int]:
+    def _matches(self, block_hashes: Sequence[bytes]) -> dict[str, int]:
         """Leading prompt blocks each replica has: cached (the index) or held by a request running there.
 
-        A request's prompt blocks are in its replica's cache from its first
-        step until it finishes, but the index hears of them only when the
-        replica reports them stored, after the prefill. Without the second
-        term, requests that arrive during a long prefill of their shared
-        context see it nowhere and start recomputing it on other replicas,
-        evicting what those hold.
+        The second term covers a prefill in progress: its blocks reach the
+        index only after it (see `RunningPrompts`).
         """
         matches = self.index.matches(block_hashes)
-        for rid in loads:
-            held = self._replicas[rid].running_match(block_hashes)
+        for rid, held in self._running.matches(block_hashes).items():
             if held > matches.get(rid, 0):
                 matches[rid] = held
         return matches
 
+    def _sync(self, replica_id: str) -> None:
+        """The table takes the replica's effective load (after any change to it)."""
+        self._table.set_load(replica_id, self._replicas[replica_id].effective_load())
+
     def _bind(self, b: _Binding) -> None:
         self._bindings[b.request.request_id] = b
-        self._replicas[b.replica_id].add_pending(b)
-        self._replicas[b.replica_id].hold_prompt(b.request.block_hashes)
+        replica = self._replicas[b.replica_id]
+        replica.add_pending(b)
+        self._pending_replicas.add(b.replica_id)
+        self._sync(b.replica_id)
+        self._running.hold(b.replica_id, b.request.block_hashes)
         self._num_bound += 1
         self._bound_prompt_tokens += b.request.num_prompt_tokens
         self._predicted_cached_tokens += b.request.num_prompt_tokens - b.tokens
 
     def _expire_pending(self, now: float) -> None:
         ttl = self.config.pending_ttl_s
-        for r in self._replicas.values():
-            for rid in [rid for rid, b in r.pending.items() if now - b.bound_at > ttl]:
+        for replica_id in list(self._pending_replicas):
+            r = self._replicas.get(replica_id)
+            expired = [rid for rid, b in r.pending.items() if now - b.bound_at > ttl] if r is not None else []
+            for rid in expired:
                 r.end_pending(rid)
+            if expired:
+                self._sync(replica_id)
+            if r is None or not r.pending:
+                self._pending_replicas.discard(replica_id)
 
     def on_request_finished(self, request_id: str, usage: RequestUsage | None, now: float) -> bool:
         """A bound request ended (done, failed or aborted); charge its usage. False if unknown."""
         b = self._bindings.pop(request_id, None)
         if b is None:
             return False
-        replica = self._replicas.get(b.replica_id)
-        if replica is not None:
-            replica.end_pending(request_id)
-            replica.release_prompt(b.request.block_hashes)
+        if b.replica_id in self._replicas:
+            self._replicas[b.replica_id].end_pending(request_id)
+            self._sync(b.replica_id)
+            self._running.release(b.replica_id, b.request.block_hashes)
         if usage is not None:
             self.ledger.charge(
                 b.request.tenant_id, self.config.model, b.replica_id,
@@ -427,11 +418,16 @@ class Scheduler:
         for request_id in report.admitted_ids:
             replica.end_pending(request_id)
         result = self.index.apply(report.replica_id, report.seq, report.events, now)
+        self._sync(report.replica_id)
+        self._table.set_last_report(report.replica_id, now)
+        self._table.set_indexed(report.replica_id, self.index.block_count(report.replica_id))
         return ReportReply(resync=result is ApplyResult.RESYNC)
 
     def replace_replica_index(self, replica_id: str, all_hashes: Iterable[bytes], seq: int) -> ReportReply:
         """A replica's full snapshot, as of its report `seq` (after a resync request)."""
         result = self.index.replace_replica(replica_id, all_hashes, seq)
+        if replica_id in self._table:
+            self._table.set_indexed(replica_id, self.index.block_count(replica_id))
         return ReportReply(resync=result is not ApplyResult.APPLIED)
 
     def set_draining(self, replica_id: str, draining: bool = True) -> None:
@@ -440,15 +436,18 @@ class Scheduler:
         if replica is None:
             raise ValueError(f"unknown replica {replica_id!r}; known: {sorted(self._replicas)}")
         replica.draining = draining
+        self._table.set_draining(replica_id, draining)
 
     def remove_replica(self, replica_id: str) -> list[str]:
         """Forget a replica; returns the ids of requests bound there and not finished."""
-        self._replicas.pop(replica_id, None)
-        self.index.remove_replica(replica_id)
-        self.policy.remove_replica(replica_id)
         lost = [rid for rid, b in self._bindings.items() if b.replica_id == replica_id]
         for rid in lost:
             del self._bindings[rid]
+        self._running.forget_replica(replica_id)
+        self._replicas.pop(replica_id, None)
+        self._table.remove(replica_id)
+        self.index.remove_replica(replica_id)
+        self.policy.remove_replica(replica_id)
         return lost
 
     def replica_ids(self) -> list[str]:

@@ -150,3 +150,34 @@ def test_index_follows_a_real_block_pool_without_drift():
         seq += 1
         assert idx.hashes_of("r") == set(kv.pool._cached)
     assert num_removed > 10  # the pool was small enough to evict
+
+
+def test_common_prefix_blocks_of_chained_hashes():
+    from cluster.kv_index import common_prefix_blocks
+
+    ctx = hash_prompt_blocks(list(range(160)), 16)  # 10 blocks
+    other = hash_prompt_blocks(list(range(96)) + [7] * 64, 16)  # diverges at block 6
+    assert common_prefix_blocks(ctx, other) == 6
+    assert common_prefix_blocks(ctx, ctx[:4]) == 4
+    assert common_prefix_blocks(ctx, hash_prompt_blocks([9] * 160, 16)) == 0
+    assert common_prefix_blocks(ctx, ()) == 0
+
+
+def test_running_prompts_match_the_longest_held_prefix_per_replica():
+    from cluster.kv_index import RunningPrompts
+
+    ctx = list(range(128))
+    a = tuple(hash_prompt_blocks(ctx + [1] * 32, 16))  # 10 blocks
+    b = tuple(hash_prompt_blocks(ctx + [2] * 16, 16))  # 9 blocks, 8 shared with a
+    running = RunningPrompts()
+    running.hold("r1", a)
+    running.hold("r1", a)
+    running.hold("r2", b)
+    question = tuple(hash_prompt_blocks(ctx + [3] * 16, 16))
+    assert running.matches(question) == {"r1": 8, "r2": 8}
+    assert running.matches(a) == {"r1": 10, "r2": 8}
+    running.release("r1", a)
+    assert running.matches(a) == {"r1": 10, "r2": 8}  # held twice, released once
+    running.release("r1", a)
+    running.forget_replica("r2")
+    assert running.matches(a) == {} and running._by_first == {}

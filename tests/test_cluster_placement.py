@@ -276,3 +276,51 @@ def _lcp(a: str, b: str) -> str:
     while i < min(len(a), len(b)) and a[i] == b[i]:
         i += 1
     return a[:i]
+
+
+def test_replica_table_rows_follow_loads_and_keep_the_join_order():
+    from cluster.replica_load import ReplicaTable
+
+    table = ReplicaTable(capacity=2)
+    for i in range(5):  # grows past its capacity
+        table.set_load(f"r{i}", load(running=i, free=100 - i, tokens=10 * i))
+        table.set_last_report(f"r{i}", float(i))
+    table.set_indexed("r3", 42)
+    assert table.ids == ["r0", "r1", "r2", "r3", "r4"] and table.load(2) == load(running=2, free=98, tokens=20)
+    table.remove("r1")
+    assert table.ids == ["r0", "r2", "r3", "r4"] and table.row("r3") == 2
+    assert table.load(2) == load(running=3, free=97, tokens=30) and table.indexed_blocks.tolist() == [0, 0, 42, 0]
+    table.set_draining("r2", True)
+    # r0 reported 4 s before now=4.0: too long ago with a 3 s timeout.
+    assert table.eligible(now=4.0, timeout_s=3.0).tolist() == [False, False, True, True]
+    assert table.active.tolist() == [0, 2, 3, 4]
+
+
+def test_columns_answer_as_one_replica_at_a_time():
+    """can_start and kv_aware's cost on a whole table equal the per-replica answers."""
+    import random
+
+    from cluster.placement import start_columns
+    from cluster.replica_load import ReplicaTable
+
+    rng = random.Random(7)
+    p = KVAwarePolicy()
+    for trial in range(200):
+        loads = {
+            f"r{i}": load(running=rng.randrange(0, 17), waiting=rng.randrange(0, 2), free=rng.randrange(-5, 300),
+                          blocks=300, tokens=rng.randrange(0, 3000))
+            for i in range(rng.randrange(1, 9))
+        }
+        indexed = {rid: rng.randrange(0, 300) for rid in loads}
+        matches = {rid: rng.randrange(0, 50) for rid in loads if rng.random() < 0.5}
+        req = request(rng.randrange(17, 800))
+        limits = rng.choice([StartLimits(), StartLimits(max_replica_waiting=1), StartLimits(max_seq_util=0.75, max_kv_util=0.75)])
+        table = ReplicaTable.of((rid, ld, indexed[rid]) for rid, ld in loads.items())
+        cached, start = start_columns(req, table, matches, limits)
+        costs = p.costs(req, table, cached, table.indexed_blocks)
+        for i, (rid, ld) in enumerate(loads.items()):
+            hit = usable_cached_blocks(req.num_prompt_tokens, BS, matches.get(rid, 0))
+            assert cached[i] == hit
+            need = blocks_needed(req.num_prompt_tokens, BS, hit)
+            assert start[i] == can_start(ld, need, limits), (trial, rid)
+            assert costs[i] == p.cost(req, ReplicaView(rid, ld, hit, bool(start[i]), indexed[rid]))
