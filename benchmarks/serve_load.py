@@ -58,6 +58,15 @@ def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [[r.randrange(lo, vocab) for _ in range(length)] for _ in range(n)]
 
 
+def prompts_per_rate(rates: list[float], n: int, length: int, vocab: int, seed: int) -> dict[str, list[list[int]]]:
+    """Fresh prompts for each rate, the same for every engine.
+
+    A rate must not hit the prefix cache an earlier rate filled on the same
+    server: that would measure cached prefills.
+    """
+    return {str(rate): make_prompts(n, length, vocab, seed + 1000 * (i + 1)) for i, rate in enumerate(rates)}
+
+
 def arrival_offsets(n: int, rate: float, burstiness: float, seed: int) -> list[float]:
     """Seconds from the start at which each request is sent (gamma gaps, mean 1/rate)."""
     if math.isinf(rate):
@@ -281,7 +290,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return a
 
 
-def bench_engine(server: Server, args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, Any]:
+def bench_engine(server: Server, args: argparse.Namespace, prompts: dict[str, list[list[int]]]) -> dict[str, Any]:
     startup_s = server.start(args.startup_timeout)
     print(f"{server.name}: up in {startup_s:.0f} s", file=sys.stderr, flush=True)
     try:
@@ -290,7 +299,7 @@ def bench_engine(server: Server, args: argparse.Namespace, prompts: list[list[in
         runs = {}
         for rate in args.rates:
             results, duration = asyncio.run(
-                run_load(server.base, prompts, args.output_len, rate, args.burstiness, args.max_concurrency, args.seed)
+                run_load(server.base, prompts[str(rate)], args.output_len, rate, args.burstiness, args.max_concurrency, args.seed)
             )
             s = summarize(results, duration, args.slo_ttft_ms, args.slo_tpot_ms)
             runs[str(rate)] = s
@@ -336,7 +345,7 @@ def main(argv: list[str]) -> int:
     if not tok_file.exists():
         raise SystemExit(f"{args.model} has no tokenizer.json; serve_load needs a model with one (e.g. smollm2-135m)")
     args.vocab = Tokenizer.from_file(str(tok_file)).get_vocab_size()
-    prompts = make_prompts(args.num_prompts, args.input_len, args.vocab, args.seed)
+    prompts = prompts_per_rate(args.rates, args.num_prompts, args.input_len, args.vocab, args.seed)
     logs = ROOT / ".bench" / "serve_load"
     report: dict[str, Any] = {
         "benchmark": "serve_load", "model": args.model, "dtype": args.dtype, "isolation": isolation,

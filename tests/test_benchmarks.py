@@ -57,3 +57,16 @@ def test_engine_throughput_quick_tiny(tmp_path):
         assert s["ttft_ms"]["p50"] > 0 and s["tpot_ms"]["p90"] > 0
     assert serving["continuous_vs_static_throughput"] > 0
     assert "vllm" not in serving
+
+
+def test_serve_load_gives_each_rate_fresh_prompts():
+    """A later rate must not find its prompts in the prefix cache an earlier rate filled."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from benchmarks.serve_load import prompts_per_rate
+
+    a = prompts_per_rate([2.0, 8.0, float("inf")], 16, 128, 49152, seed=0)
+    assert list(a) == ["2.0", "8.0", "inf"]
+    firsts = {tuple(p[:16]) for prompts in a.values() for p in prompts}
+    assert len(firsts) == 3 * 16  # no first block shared, within or across rates
+    assert all(len(p) == 128 for prompts in a.values() for p in prompts)
+    assert prompts_per_rate([2.0, 8.0, float("inf")], 16, 128, 49152, seed=0) == a  # every engine gets the same
