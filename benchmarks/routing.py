@@ -17,12 +17,12 @@ Which model decides what a cache hit is worth. With llama-88m a 1024-token conte
 costs about a second of prefill on a replica's core, as a real context does on real
 hardware, so a miss costs throughput as well as TTFT. The default rate, 3 requests/s,
 sits between the policies' capacities with it on this 2-core machine: round_robin
-completes about 2 requests/s (42 output tokens/s) and falls behind; kv_aware keeps up
-or nearly (measured 2026-11-28, quiet machine, all four policies in one run: kv_aware vs
-round_robin throughput 1.37x, TTFT p90 10.5x, p50 44x; hit rate 0.81 of the oracle's,
-where prefix_approx, which waits for the replica holding the prefix however long it
-takes, reached 1.00 and TTFT p90 0.40 s against kv_aware's 4.26 s: near its capacity
-kv_aware gives up on a busy replica after `affinity_wait_s` and recomputes elsewhere).
+completes under 2 requests/s (37-42 output tokens/s) and falls behind; kv_aware keeps
+up (measured 2026-11-28, quiet machine, all four policies in one run: kv_aware vs
+round_robin throughput 1.57x, TTFT p90 111x, p50 170x; hit rate 0.97 of the oracle's,
+prefix_approx 1.00; .bench/routing_s12.json). Before replicas published their load
+once a step's batch was chosen, a replica in a one-second prefill reported the request
+as waiting and got nothing new for that second: kv_aware reached 0.81 of the oracle.
 With the tiny model a prefill is almost free: every
 policy sustains the same rate on a quiet machine (at 10/s: throughput 1.0x, hit rate
 1.0 of the oracle's, TTFT p90 1.1x), and only a machine loaded by other work separated
