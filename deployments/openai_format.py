@@ -80,6 +80,8 @@ def completion_logprobs(
 @dataclass
 class _Choice:
     text: list[str] = field(default_factory=list)
+    # Characters in `text` before its last piece (a chunk's logprob text offset).
+    text_offset: int = 0
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[PositionLogprobs] = field(default_factory=list)
     finish_reason: Optional[str] = None
@@ -121,6 +123,8 @@ class ResponseBuilder:
         self.cached_tokens[prompt_index] = max(self.cached_tokens.get(prompt_index, 0), cached_tokens)
         idx = self.index(prompt_index, delta.index)
         c = self.choices.setdefault(idx, _Choice())
+        if c.text:
+            c.text_offset += len(c.text[-1])
         c.text.append(delta.text)
         c.token_ids.extend(delta.token_ids)
         if delta.logprobs:
@@ -178,8 +182,7 @@ class ResponseBuilder:
     def delta_chunk(self, idx: int, delta: ChoiceDelta, include_usage: bool) -> dict[str, Any]:
         """One choice's delta as a stream chunk (after `add`)."""
         c = self.choices[idx]
-        offset = sum(len(t) for t in c.text[:-1])
-        logprobs = self._logprobs(delta.logprobs or [], delta.token_ids, offset) if delta.token_ids else None
+        logprobs = self._logprobs(delta.logprobs or [], delta.token_ids, c.text_offset) if delta.token_ids else None
         if self.kind == "chat":
             body = {"content": delta.text} if (delta.text or delta.finish_reason is None) else {}
             choice = {"index": idx, "delta": body, "logprobs": logprobs, "finish_reason": delta.finish_reason}

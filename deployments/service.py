@@ -56,9 +56,17 @@ class _Deadline:
         return APIError(408, f"request did not finish within {self.timeout_s} s")
 
 
-async def _next(it: AsyncIterator[ReplicaEvent], deadline: _Deadline) -> ReplicaEvent:
-    """The stream's next event, or TimeoutError past the deadline."""
-    return await asyncio.wait_for(it.__anext__(), deadline.remaining())
+async def _next(it: AsyncIterator, deadline: _Deadline):
+    """The stream's next item, or TimeoutError past the deadline.
+
+    NOTE: `asyncio.timeout`, not `wait_for`: this runs once per streamed token,
+    and `wait_for` wraps each await in a new Task.
+    """
+    remaining = deadline.remaining()
+    if remaining is None:
+        return await it.__anext__()
+    async with asyncio.timeout(remaining):
+        return await it.__anext__()
 
 
 def _rejection(event: ReplicaEvent) -> APIError:
@@ -274,7 +282,7 @@ class OpenAIService:
         try:
             while True:
                 try:
-                    i, event = await asyncio.wait_for(events.__anext__(), deadline.remaining())
+                    i, event = await _next(events, deadline)
                 except StopAsyncIteration:
                     return
                 except asyncio.TimeoutError:
@@ -297,7 +305,7 @@ class OpenAIService:
                     yield sse(builder.role_chunk(idx, include_usage))
             while True:
                 try:
-                    i, event = await asyncio.wait_for(events.__anext__(), deadline.remaining())
+                    i, event = await _next(events, deadline)
                 except StopAsyncIteration:
                     break
                 if isinstance(event, Delta):

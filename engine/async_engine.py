@@ -20,7 +20,7 @@ import asyncio
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 from engine.kv_cache import KVEvent
 from engine.llm_engine import EngineConfig, LLMEngine, PromptType
@@ -183,8 +183,7 @@ class AsyncLLMEngine:
                 continue
             self._kv_events.extend(self.engine.take_kv_events())
             self._publish_stats()
-            for out in outputs:
-                self._deliver(out.request_id, out, done=out.finished)
+            self._deliver_step(outputs)
         self._fail_all(EngineDeadError("engine shut down"))
 
     def _publish_stats(self) -> None:
@@ -213,9 +212,31 @@ class AsyncLLMEngine:
         except RuntimeError:
             pass  # the caller's loop is closed; nobody is listening
 
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs, one hand-over per event loop (not one wake-up per request)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for out in outputs:
+            entry = self._queues.get(out.request_id)
+            if entry is None:
+                continue
+            if out.finished:
+                del self._queues[out.request_id]
+            queue, loop = entry
+            by_loop.setdefault(loop, []).append((queue, out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:
+                pass  # the caller's loop is closed; nobody is listening
+
     def _fail_all(self, error: BaseException) -> None:
         self.engine.abort_request(self.engine.unfinished_request_ids())
         if not isinstance(error, EngineDeadError):
             error = RuntimeError(f"engine step failed: {error!r}")
         for request_id in list(self._queues):
             self._deliver(request_id, error, done=True)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
