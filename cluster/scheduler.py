@@ -328,7 +328,8 @@ class Scheduler:
             if rid is None:
                 return None
             assert rid in self._replicas, f"policy {self.policy.name} chose unknown replica {rid!r}"
-            num_cached = int(cached[table.row(rid)])
+            row = table.row(rid)
+            num_cached = int(cached[row])
             binding = _Binding(
                 request=req,
                 replica_id=rid,
@@ -338,7 +339,6 @@ class Scheduler:
                 tokens=req.num_prompt_tokens - num_cached * req.block_size,
             )
             self._bind(binding)
-            row = table.row(rid)
             room[row] = table.active[row] < table.max_num_seqs[row] and table.num_waiting[row] <= wait_cap
             self.policy.on_placed(req, rid)
             out.append(

@@ -20,7 +20,7 @@ import asyncio
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 from engine.kv_cache import KVEvent
 from engine.llm_engine import EngineConfig, LLMEngine, PromptType
@@ -183,7 +183,7 @@ class AsyncLLMEngine:
                 continue
             self._kv_events.extend(self.engine.take_kv_events())
             self._publish_stats()
-            self._deliver_step(outputs)
+            self._deliver((out.request_id, out, out.finished) for out in outputs)
         self._fail_all(EngineDeadError("engine shut down"))
 
     def _publish_stats(self) -> None:
@@ -198,34 +198,26 @@ class AsyncLLMEngine:
         try:
             self.engine.add_request(command.request_id, command.prompt, command.params, command.cache_salt)
         except Exception as e:
-            self._deliver(command.request_id, e, done=True)
+            self._deliver([(command.request_id, e, True)])
 
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException, done: bool) -> None:
-        entry = self._queues.get(request_id)
-        if entry is None:
-            return
-        if done:
-            del self._queues[request_id]
-        queue, loop = entry
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:
-            pass  # the caller's loop is closed; nobody is listening
+    def _deliver(self, items: Iterable[tuple[str, RequestOutput | BaseException, bool]]) -> None:
+        """Hand (request id, output or error, last) items to their requests' queues.
 
-    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
-        """A step's outputs, one hand-over per event loop (not one wake-up per request)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
-        for out in outputs:
-            entry = self._queues.get(out.request_id)
+        One hand-over per event loop: a step's outputs wake each caller's loop
+        once, not once per request.
+        """
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        for request_id, item, done in items:
+            entry = self._queues.get(request_id)
             if entry is None:
                 continue
-            if out.finished:
-                del self._queues[out.request_id]
+            if done:
+                del self._queues[request_id]
             queue, loop = entry
-            by_loop.setdefault(loop, []).append((queue, out))
-        for loop, items in by_loop.items():
+            by_loop.setdefault(loop, []).append((queue, item))
+        for loop, batch in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_put_all, items)
+                loop.call_soon_threadsafe(_put_all, batch)
             except RuntimeError:
                 pass  # the caller's loop is closed; nobody is listening
 
@@ -233,8 +225,7 @@ class AsyncLLMEngine:
         self.engine.abort_request(self.engine.unfinished_request_ids())
         if not isinstance(error, EngineDeadError):
             error = RuntimeError(f"engine step failed: {error!r}")
-        for request_id in list(self._queues):
-            self._deliver(request_id, error, done=True)
+        self._deliver([(request_id, error, True) for request_id in list(self._queues)])
 
 
 def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
