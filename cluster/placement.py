@@ -31,8 +31,14 @@ Policies, selectable by name (`make_policy`):
            + decode_weight * active requests               # decodes sharing each step
            + eviction_weight * tokens of others' cache it would evict
            + occupancy_weight * share of its pool indexed * prompt tokens
+           + duplicate_weight * prefix tokens another replica holds and it lacks
 
   and the lowest cost wins (ties: fewer blocks indexed, then id). The
+  duplicate term is what a recompute costs the cluster beyond this request's
+  TTFT: a second copy of a context takes KV blocks (evicting some other
+  tenant's) and a core's time. Without it, a request whose context is being
+  prefilled on a busy replica recomputes it on an idle one whenever that is
+  a few tokens faster, and near capacity the copies evict each other. The
   occupancy term spreads new prefixes over the cluster's caches: a prompt
   whose cached prefix is short (a chat template's first block, say) goes to
   the emptier replica rather than fill the one that matches a few tokens and
@@ -42,10 +48,12 @@ Policies, selectable by name (`make_policy`):
   `balance_abs` and by a factor `balance_rel` is skipped (unless no other
   replica can start the request), so a hot prefix spreads to the next best
   replica instead of piling up; that replica then caches it too. Affinity
-  wait: when the best replica overall cannot start the request now but would
-  save at least `affinity_min_saving` tokens of prefill over the best one
-  that can, the request waits in the global queue for up to
-  `affinity_wait_s` rather than recompute its prefix elsewhere.
+  wait: when the best replica overall holds more of the prompt than the best
+  one that can start it now, cannot start it itself, and would save at least
+  `affinity_min_saving` tokens, the request waits in the global queue for up
+  to `affinity_wait_s` rather than recompute its prefix elsewhere. The
+  default, 5 s, is about what recomputing a few thousand tokens costs a CPU
+  replica; on GPUs, where that takes tens of milliseconds, set it lower.
 
 Feasibility ("can start now") is mechanism: a free batch slot (active <
 max_num_seqs, at most `max_replica_waiting` requests queued there) and, for
@@ -117,7 +125,11 @@ class StartLimits:
     """When a replica counts as able to start a request now."""
 
     # Requests a replica may hold in its own queue (0: bind only to a free slot).
-    max_replica_waiting: int = 0
+    # One: a request that reached the replica during a step shows as waiting
+    # until the next step admits it; at 0 that replica took nothing new for a
+    # whole (one-second) prefill step, and its tenants' requests recomputed
+    # their contexts elsewhere.
+    max_replica_waiting: int = 1
     # Fraction of the pool kept free after the prompt's blocks are taken.
     kv_watermark: float = 0.01
     # Ceilings for this class of work (batch work: below 1).
@@ -296,8 +308,9 @@ class KVAwarePolicy(PlacementPolicy):
         backlog_weight: weight of the replica's queued prefill tokens.
         eviction_weight: weight of the cached tokens the prompt would evict there.
         occupancy_weight: weight of how full the replica's cache is, per prompt token.
+        duplicate_weight: weight of the prefix tokens it would recompute that another replica holds.
         balance_abs, balance_rel: the guard's margins over the least active replica.
-        affinity_wait_s: how long a request may wait for its cached replica.
+        affinity_wait_s: how long a request may wait for the replica holding its prefix.
         affinity_min_saving: prefill tokens the wait must save to be worth it.
     """
 
@@ -310,25 +323,30 @@ class KVAwarePolicy(PlacementPolicy):
         backlog_weight: float = 1.0,
         eviction_weight: float = 0.5,
         occupancy_weight: float = 0.25,
+        duplicate_weight: float = 0.5,
         balance_abs: float = 8,
         balance_rel: float = 1.5,
-        affinity_wait_s: float = 0.25,
+        affinity_wait_s: float = 5.0,
         affinity_min_saving: int = 256,
     ) -> None:
         self.decode_weight = decode_weight
         self.backlog_weight = backlog_weight
         self.eviction_weight = eviction_weight
         self.occupancy_weight = occupancy_weight
+        self.duplicate_weight = duplicate_weight
         self.balance_abs = balance_abs
         self.balance_rel = balance_rel
         self.affinity_wait_s = affinity_wait_s
         self.affinity_min_saving = affinity_min_saving
 
-    def costs(self, request: RouteRequest, loads: ReplicaLoad | ReplicaTable, cached_blocks, indexed_blocks):
-        """Estimated prefill-token-equivalents before this request's first token.
+    def costs(
+        self, request: RouteRequest, loads: ReplicaLoad | ReplicaTable, cached_blocks, indexed_blocks, best_cached=0
+    ):
+        """Estimated prefill-token-equivalents before this request's first token, plus what a recompute costs the cluster.
 
         For one replica (a ReplicaLoad, ints) or every row of a ReplicaTable
         (arrays of cached and indexed blocks per row): one formula for both.
+        `best_cached`: the most leading blocks any replica holds.
         """
         bs, n = request.block_size, request.num_prompt_tokens
         uncached = n - cached_blocks * bs
@@ -341,6 +359,7 @@ class KVAwarePolicy(PlacementPolicy):
             + self.decode_weight * loads.active
             + self.eviction_weight * evicted_tokens
             + self.occupancy_weight * occupancy * n
+            + self.duplicate_weight * np.maximum(0, best_cached - cached_blocks) * bs
         )
 
     def cost(self, request: RouteRequest, view: ReplicaView) -> float:
@@ -358,7 +377,7 @@ class KVAwarePolicy(PlacementPolicy):
     def choose_columns(self, request, table, cached, start, eligible, waited_s=0.0):
         if not eligible.any():
             return None
-        costs = self.costs(request, table, cached, table.indexed_blocks)
+        costs = self.costs(request, table, cached, table.indexed_blocks, cached[eligible].max())
         # The guard: a replica is overloaded when its active count exceeds
         # both min + balance_abs and balance_rel * min.
         active = table.active
@@ -372,8 +391,13 @@ class KVAwarePolicy(PlacementPolicy):
             return None
         if waited_s < self.affinity_wait_s:
             best_any = self._lowest(costs, table, allowed)
-            if best_any is not None and not start[best_any] and costs[best] - costs[best_any] >= self.affinity_min_saving:
-                return None
+            if (
+                best_any is not None
+                and not start[best_any]
+                and cached[best_any] > cached[best]
+                and costs[best] - costs[best_any] >= self.affinity_min_saving
+            ):
+                return None  # its cache is worth the wait; a mere load difference is not
         return table.ids[best]
 
     @staticmethod

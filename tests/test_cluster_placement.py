@@ -324,3 +324,24 @@ def test_columns_answer_as_one_replica_at_a_time():
             need = blocks_needed(req.num_prompt_tokens, BS, hit)
             assert start[i] == can_start(ld, need, limits), (trial, rid)
             assert costs[i] == p.cost(req, ReplicaView(rid, ld, hit, bool(start[i]), indexed[rid]))
+
+
+def test_kv_aware_joins_a_context_being_prefilled_rather_than_copy_it():
+    """Recomputing a context another replica holds costs the cluster a copy, not just TTFT."""
+    req = request(1040)
+    # a holds the context (64 blocks) and is prefilling another 1060 tokens; b is idle and empty.
+    views = [view("a", cached=64, running=1, tokens=1060), view("b")]
+    assert KVAwarePolicy(duplicate_weight=0.0).choose(req, views) == "b"  # a few tokens faster for this request
+    assert KVAwarePolicy().choose(req, views) == "a"
+
+
+def test_kv_aware_waits_for_its_cache_not_for_a_lighter_load():
+    p = KVAwarePolicy(affinity_wait_s=5.0, affinity_min_saving=256)
+    req = request(640)
+    # a cannot start it and holds nothing of it; it is only less loaded than b: no reason to wait.
+    views = [view("a", running=4, start=False), view("b", running=3, tokens=600)]
+    assert p.choose(req, views, waited_s=0.0) == "b"
+    # a holds the prefix: wait for it, up to affinity_wait_s.
+    views = [view("a", cached=39, running=4, start=False), view("b", running=3, tokens=600)]
+    assert p.choose(req, views, waited_s=1.0) is None
+    assert p.choose(req, views, waited_s=5.0) == "b"
