@@ -19,10 +19,13 @@ hardware, so a miss costs throughput as well as TTFT. The default rate, 3 reques
 sits between the policies' capacities with it on this 2-core machine: round_robin
 completes under 2 requests/s (37-42 output tokens/s) and falls behind; kv_aware keeps
 up (measured 2026-11-28, quiet machine, all four policies in one run: kv_aware vs
-round_robin throughput 1.57x, TTFT p90 111x, p50 170x; hit rate 0.97 of the oracle's,
-prefix_approx 1.00; .bench/routing_s12.json). Before replicas published their load
-once a step's batch was chosen, a replica in a one-second prefill reported the request
-as waiting and got nothing new for that second: kv_aware reached 0.81 of the oracle.
+round_robin throughput 1.52x, TTFT p90 88x, p50 136x; hit rate 0.999 of the oracle's,
+as prefix_approx's; .bench/routing_s12_final.json). Before this, kv_aware's hit rate
+went from 0.81 to 0.97 from one run to the next: a replica in a one-second prefill
+reported new requests as waiting and took nothing for that second, requests recomputed
+their context on an idle replica when that was a few tokens faster for them, and the
+copies evicted other tenants' contexts (see cluster/placement.py: the duplicate term,
+the affinity wait).
 With the tiny model a prefill is almost free: every
 policy sustains the same rate on a quiet machine (at 10/s: throughput 1.0x, hit rate
 1.0 of the oracle's, TTFT p90 1.1x), and only a machine loaded by other work separated
