@@ -25,11 +25,10 @@ went from 0.81 to 0.97 from one run to the next: a replica in a one-second prefi
 reported new requests as waiting and took nothing for that second, requests recomputed
 their context on an idle replica when that was a few tokens faster for them, and the
 copies evicted other tenants' contexts (see cluster/placement.py: the duplicate term,
-the affinity wait).
-With the tiny model a prefill is almost free: every
-policy sustains the same rate on a quiet machine (at 10/s: throughput 1.0x, hit rate
-1.0 of the oracle's, TTFT p90 1.1x), and only a machine loaded by other work separated
-them (load average 10-12: throughput 1.225x, TTFT p90 18.6x).
+the affinity wait). With the tiny model a prefill is almost free: every policy
+sustains the same rate on a quiet machine (at 10/s: throughput 1.0x, hit rate 1.0 of
+the oracle's, TTFT p90 1.1x), and only a machine loaded by other work separated them
+(load average 10-12: throughput 1.225x, TTFT p90 18.6x).
 
 The machine is shared: before each policy the benchmark waits (up to `--wait-max`) for
 other processes to go quiet, and records the cores they used during the measurement

@@ -315,8 +315,12 @@ class Scheduler:
             return []
         uses_kv = self.policy.uses_kv
         wait_cap = self.config.interactive_limits.max_replica_waiting
+
+        def free_slot(rows):
+            return (table.active[rows] < table.max_num_seqs[rows]) & (table.num_waiting[rows] <= wait_cap)
+
         # Rows with a free batch slot; kept current as requests bind (dispatch stops when none is left).
-        room = eligible & (table.active < table.max_num_seqs) & (table.num_waiting <= wait_cap)
+        room = eligible & free_slot(slice(None))
         out: list[Assignment] = []
 
         def try_place(item: QueuedRequest) -> str | None:
@@ -324,7 +328,7 @@ class Scheduler:
             limits = self.config.batch_limits if req.priority is Priority.BATCH else self.config.interactive_limits
             matches = self._matches(req.block_hashes)
             cached, start = start_columns(req, table, matches, limits, check_kv=uses_kv)
-            rid = self.policy.choose_columns(req, table, cached, start & eligible, eligible, now - item.arrival)
+            rid = self.policy.choose_columns(req, table, cached, start, eligible, now - item.arrival)
             if rid is None:
                 return None
             assert rid in self._replicas, f"policy {self.policy.name} chose unknown replica {rid!r}"
@@ -339,7 +343,7 @@ class Scheduler:
                 tokens=req.num_prompt_tokens - num_cached * req.block_size,
             )
             self._bind(binding)
-            room[row] = table.active[row] < table.max_num_seqs[row] and table.num_waiting[row] <= wait_cap
+            room[row] = free_slot(row)
             self.policy.on_placed(req, rid)
             out.append(
                 Assignment(req.request_id, rid, req.tenant_id, num_cached * req.block_size, now - item.arrival)
@@ -380,11 +384,12 @@ class Scheduler:
         ttl = self.config.pending_ttl_s
         for replica_id in list(self._pending_replicas):
             r = self._replicas.get(replica_id)
-            expired = [rid for rid, b in r.pending.items() if now - b.bound_at > ttl] if r is not None else []
-            for rid in expired:
-                r.end_pending(rid)
-            if expired:
-                self._sync(replica_id)
+            if r is not None:
+                expired = [rid for rid, b in r.pending.items() if now - b.bound_at > ttl]
+                for rid in expired:
+                    r.end_pending(rid)
+                if expired:
+                    self._sync(replica_id)
             if r is None or not r.pending:
                 self._pending_replicas.discard(replica_id)
 
