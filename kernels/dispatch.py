@@ -6,7 +6,10 @@ registered here. `impl="auto"` takes Triton for CUDA tensors when it is
 installed, the native version for CPU tensors when it builds on this machine,
 and the torch reference otherwise. The environment variable
 SHARDLINE_KERNELS=torch|triton|native|auto overrides "auto" for the whole
-process. `impl="triton"` on CPU tensors runs under TRITON_INTERPRET=1.
+process: "triton" and "native" then take that version of every kernel that
+has one and the torch reference for the others, whereas an explicit
+`impl="triton"` for a kernel without a Triton version is an error.
+`impl="triton"` on CPU tensors runs under TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations
@@ -75,6 +78,9 @@ def _resolve(name: str, impl: str, device: torch.device) -> Callable:
         impl = os.environ.get("SHARDLINE_KERNELS", "auto")
         if impl not in IMPLS:
             raise ValueError(f"SHARDLINE_KERNELS must be one of {IMPLS}, got {impl!r}")
+        if impl == "triton" and name not in _triton_impls:
+            # The override prefers Triton where a kernel has it (as "native" does), not everywhere.
+            return _torch_impls[name]
     if impl == "auto":
         if device.type == "cuda" and name in _triton_impls and triton_available():
             impl = "triton"

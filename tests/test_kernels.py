@@ -28,6 +28,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -349,6 +350,20 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     torch.testing.assert_close(kernels.rms_norm(x, torch.ones(8), 1e-6), reference.rms_norm(x, torch.ones(8), 1e-6))
 
 
+def test_the_triton_override_leaves_kernels_without_triton_on_torch(monkeypatch):
+    """SHARDLINE_KERNELS=triton (how benchmarks/kernels_gpu.py times the model) must not break a
+    kernel that has no Triton version: on the H200 the model's decode step raised here."""
+    from kernels.dispatch import resolve
+
+    monkeypatch.setenv("SHARDLINE_KERNELS", "triton")
+    cuda = torch.device("cuda")  # resolve only reads the device type: no GPU needed
+    assert resolve("decode_model", "auto", cuda) is reference.decode_model
+    assert kernels.fused_decode_max_seqs(cuda, torch.bfloat16) == 0
+    assert resolve("rms_norm", "auto", cuda).__name__ == "triton_norm.rms_norm"
+    with pytest.raises(ValueError, match="no Triton implementation"):
+        resolve("decode_model", "triton", cuda)
+
+
 def test_kernels_import_and_run_without_triton():
     """triton is a Linux-only dev dependency: `import kernels` and the CPU paths must not need it."""
     code = (
@@ -398,3 +413,30 @@ def test_kernels_compile_for_h100():
         timeout=300,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+
+
+def test_gpu_benchmark_model_step_runs_on_tiny_cpu_shapes():
+    """Part 4 of kernels_gpu.py (the model's decode step, torch vs triton kernels) on the CPU under
+    the interpreter: the path that crashed on the H200 before any timing."""
+    import types
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import kernels_gpu
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    shape = dict(
+        hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=128, vocab_size=128
+    )
+
+    def once(torch_module, fn, iters):
+        started = time.perf_counter()
+        fn()
+        return time.perf_counter() - started
+
+    result = kernels_gpu.model_decode_step(
+        torch, torch.device("cpu"), types.SimpleNamespace(iters=5), shape=shape, num_seqs=2, context=32, timer=once
+    )
+    assert result["torch_tokens_per_s"] > 0 and result["triton_tokens_per_s"] > 0
+    assert result["hidden_state_max_rel_diff"] < 0.05
+    assert "SHARDLINE_KERNELS" not in os.environ
