@@ -150,7 +150,7 @@ def check_correctness(device, small: bool) -> dict:
         for bits, group_size in ((4, 32 if small else 128), (8, 64 if small else 128)):
             w = torch.randn(n, k).to(dtype)
             qweight, scales = quant.quantize(w, group_size, bits)
-            for m in (1, 3) if small else (1, 16, 100):
+            for m in (1, 3) if small else (1, 3, 16, 100):
                 x = torch.randn(m, k).to(dtype)
                 out = triton_quant.dequant_matmul(x.to(device), qweight.to(device), scales.to(device), group_size, bits)
                 expected = quant.dequant_matmul(x, qweight, scales, group_size, bits)
@@ -196,7 +196,7 @@ def compile_all(arch: int, dtypes: list[str]) -> dict:
     target = GPUTarget("cuda", arch, 32)
     seconds = {}
 
-    def build(label, kernel, pointers, constexprs, floats=()):
+    def build(label, kernel, pointers, constexprs, floats=(), num_warps=4):
         signature = {}
         for name in kernel.arg_names:
             if name in constexprs:
@@ -206,7 +206,8 @@ def compile_all(arch: int, dtypes: list[str]) -> dict:
             else:
                 signature[name] = "fp32" if name in floats else "i32"
         start = time.perf_counter()
-        triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target)
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        triton.compile(source, target=target, options=dict(num_warps=num_warps))
         seconds[label] = time.perf_counter() - start
 
     for dt in dtypes:
@@ -233,6 +234,12 @@ def compile_all(arch: int, dtypes: list[str]) -> dict:
               dict(q_out_ptr=dt, k_out_ptr=dt, q_ptr=dt, k_ptr=dt, positions_ptr="i64", cos_sin_ptr="fp32"),
               dict(NUM_Q_HEADS=24, NUM_K_HEADS=8, HALF=40, Q_HEADS_PAD=32, K_HEADS_PAD=8, HALF_PAD=64))  # fmt: skip
         for bits in (4, 8):
+            quant_ptrs = dict(out_ptr=dt, x_ptr=dt, qweight_ptr="u8" if bits == 4 else "i8", scales_ptr=dt)
+            gemv_cases = ((1, tq.GEMV_CONFIG), (1, tq.GEMV_NARROW_CONFIG), (4, tq.GEMV_CONFIG))
+            for m, (block_n, block_k, warps, _) in gemv_cases:
+                build(f"dequant_gemv_int{bits}_{dt}_m{m}_bn{block_n}", tq._dequant_gemv_kernel, quant_ptrs,
+                      dict(GROUP_SIZE=128, BITS=bits, M=m, BLOCK_N=block_n, SUB=128, G=block_k // 128,
+                           EVEN_K=False), num_warps=warps)  # fmt: skip
             for block_m, block_n, block_k, _, _ in (tq.SMALL_BATCH_CONFIG, tq.LARGE_BATCH_CONFIG):
                 build(f"dequant_matmul_int{bits}_{dt}_bm{block_m}", tq._dequant_matmul_kernel,
                       dict(out_ptr=dt, x_ptr=dt, qweight_ptr="u8" if bits == 4 else "i8", scales_ptr=dt),
@@ -349,31 +356,66 @@ def decode_bandwidth(
 # --- 3. int4 matmul at batch 1 -----------------------------------------------
 
 
+def cuda_graph_time(torch, fn, iters: int) -> float:
+    """Median seconds per call of fn() replayed from a CUDA graph of 20 calls: the GPU time without
+    Python's launch overhead, which the per-call timing of `cuda_time` includes."""
+    calls = 20
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return cuda_time(torch, graph.replay, max(5, iters // 5)) / calls
+
+
 def int4_matmul(torch, device, args, shapes=MATMUL_SHAPES) -> dict:
-    """Batch-1 int4 dequant matmul (group 128) vs torch's bf16 matmul, per layer shape (out, in)."""
+    """Batch-1 int4 dequant matmul (group 128) vs torch's bf16 matmul, per layer shape (out, in).
+
+    The default path at batch 1 is the GEMV kernel; the sweep varies its
+    (BLOCK_N, BLOCK_K, num_warps) and adds the tiled kernel's small-batch
+    configuration for comparison. graph_*: the same calls timed from a CUDA graph.
+    """
     import torch.nn.functional as F
 
     from kernels import quant, triton_quant
 
     group_size = 128
-    configs = [
-        (16, n_block, 128, warps, stages) for n_block in (16, 32, 64) for warps in (2, 4) for stages in (2, 4)
-    ]
+    gemv_configs = [(n_block, k_block, warps, 3) for n_block in (8, 16, 32) for k_block in (512, 1024, 2048)
+                    for warps in (2, 4)]  # fmt: skip
     out = {}
     for n, k in shapes:
         weight = torch.randn(n, k, dtype=torch.bfloat16, device=device) * 0.02
         qweight, scales = quant.quantize(weight, group_size, 4)
         x = torch.randn(1, k, dtype=torch.bfloat16, device=device)
-        def int4(config=None):
-            return lambda: triton_quant.dequant_matmul(x, qweight, scales, group_size, 4, config=config)
+
+        def int4(**kw):
+            return lambda: triton_quant.dequant_matmul(x, qweight, scales, group_size, 4, **kw)
 
         bf16_s = cuda_time(torch, lambda: F.linear(x, weight), args.iters)
         int4_s = cuda_time(torch, int4(), args.iters)
         entry = {"bf16_us": bf16_s * 1e6, "int4_us": int4_s * 1e6, "speedup": bf16_s / int4_s}
+        try:
+            graph_bf16 = cuda_graph_time(torch, lambda: F.linear(x, weight), args.iters)
+            graph_int4 = cuda_graph_time(torch, int4(), args.iters)
+            entry.update(graph_bf16_us=graph_bf16 * 1e6, graph_int4_us=graph_int4 * 1e6,
+                         graph_speedup=graph_bf16 / graph_int4,
+                         graph_int4_weight_gbs=(qweight.numel() + scales.numel() * 2) / graph_int4 / 1e9)  # fmt: skip
+        except Exception as exc:  # a graph failure must not cost the per-call figures
+            entry["graph_error"] = f"{type(exc).__name__}: {exc}"
         if not args.no_sweep:
             sweep = {}
-            for cfg in configs:
-                sweep["bm{}_bn{}_bk{}_w{}_s{}".format(*cfg)] = bf16_s / cuda_time(torch, int4(cfg), args.iters)
+            for cfg in gemv_configs:
+                seconds = cuda_time(torch, int4(gemv_config=cfg), args.iters)
+                sweep["gemv_bn{}_bk{}_w{}_s{}".format(*cfg)] = bf16_s / seconds
+            tiled = triton_quant.SMALL_BATCH_CONFIG[:2] + (128,) + triton_quant.SMALL_BATCH_CONFIG[3:]
+            sweep["tiled_bm{}_bn{}_bk{}_w{}_s{}".format(*tiled)] = bf16_s / cuda_time(
+                torch, int4(config=tiled), args.iters
+            )
             best = max(sweep, key=sweep.get)
             entry["sweep_speedup"] = sweep
             entry["best_config"], entry["best_speedup"] = best, sweep[best]
@@ -533,7 +575,10 @@ def main(argv: list[str] | None = None) -> int:
             for key, e in summary["int4_matmul_batch1"].items():
                 print(
                     f"int4 matmul {key}: bf16 {e['bf16_us']:.1f} us, int4 {e['int4_us']:.1f} us = "
-                    f"{e['speedup']:.2f}x; best sweep {e.get('best_config')} {e.get('best_speedup')}"
+                    f"{e['speedup']:.2f}x; best sweep {e.get('best_config')} {e.get('best_speedup')}; "
+                    f"CUDA graph: bf16 {e.get('graph_bf16_us', float('nan')):.1f} us, "
+                    f"int4 {e.get('graph_int4_us', float('nan')):.1f} us = {e.get('graph_speedup', float('nan')):.2f}x "
+                    f"({e.get('graph_int4_weight_gbs', float('nan')):.0f} GB/s) {e.get('graph_error', '')}"
                 )
         if not args.skip_model and run_section(summary, "model_decode", model_decode_step, torch, device, args):
             m = summary["model_decode"]

@@ -440,3 +440,83 @@ def test_gpu_benchmark_model_step_runs_on_tiny_cpu_shapes():
     assert result["torch_tokens_per_s"] > 0 and result["triton_tokens_per_s"] > 0
     assert result["hidden_state_max_rel_diff"] < 0.05
     assert "SHARDLINE_KERNELS" not in os.environ
+
+
+# --- quantization: the GEMV kernel (batches of at most GEMV_MAX_M rows) -----
+
+
+@pytest.fixture
+def gemv_calls(monkeypatch):
+    """Counts launches of the GEMV kernel."""
+    from kernels import triton_quant
+
+    calls = []
+    gemv = triton_quant._gemv
+    monkeypatch.setattr(triton_quant, "_gemv", lambda *a: calls.append(a[0].shape[0]) or gemv(*a))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "bits, group_size, m, n, k",
+    [
+        (4, 32, 1, 40, 192),  # K ends mid-chunk (the interpreter's chunk is 128 inputs)
+        (4, 64, 3, 17, 256),  # whole chunks of two groups; N not a multiple of BLOCK_N
+        (4, 96, 3, 5, 192),  # a group that is not a power of two: slots of 32 inputs
+        (8, 16, 3, 13, 208),  # int8, eight groups a chunk, K ends mid-chunk
+        (8, 128, 1, 33, 384),  # int8, one group a chunk
+        (4, 32, 4, 8, 1024),  # GEMV_MAX_M rows, eight chunks
+    ],
+)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dequant_gemv_matches_reference(bits, group_size, m, n, k, dtype, gemv_calls):
+    weight = torch.randn(n, k).to(dtype)
+    qweight, scales = quant.quantize(weight, group_size, bits)
+    x = torch.randn(m, k).to(dtype)
+    out = kernels.dequant_matmul(x, qweight, scales, group_size, bits, impl="triton")
+    assert gemv_calls == [m]
+    expected = quant.dequant_matmul(x, qweight, scales, group_size, bits)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out, expected, atol=atol * expected.abs().max().item(), rtol=rtol)
+
+
+def test_dequant_gemv_extreme_weights_are_exact():
+    """Every int4 (int8) value at every position of a 32-bit word: q * x summed in fp32 must be exact here."""
+    from kernels import triton_quant
+
+    for bits, qmin, qmax in ((4, -8, 7), (8, -128, 127)):
+        q = torch.arange(qmin, qmax + 1, dtype=torch.int16).repeat(2)[: 32].view(1, 32)
+        q = torch.cat((q, q.flip(1), torch.full_like(q, qmin), torch.full_like(q, qmax))).to(torch.int8)
+        qweight = quant.pack_int4(q) if bits == 4 else q
+        scales = torch.ones(4, 1)
+        x = torch.eye(32)[:3]  # picks single weights: the sums are exact
+        out = triton_quant.dequant_matmul(x, qweight, scales, 32, bits)
+        assert torch.equal(out, q[:, :3].T.float())
+
+
+def test_dequant_gemv_dispatch(gemv_calls):
+    from kernels import triton_quant
+
+    weight, x = torch.randn(24, 128), torch.randn(5, 128)
+    qweight, scales = quant.quantize(weight, 32, 4)
+    expected = quant.dequant_matmul(x, qweight, scales, 32, 4)
+    # more than GEMV_MAX_M rows: the tiled kernel
+    assert triton_quant.GEMV_MAX_M == 4
+    torch.testing.assert_close(triton_quant.dequant_matmul(x, qweight, scales, 32, 4), expected, atol=1e-4, rtol=1e-5)
+    assert gemv_calls == []
+    # a config for the tiled kernel keeps a single row on it; a GEMV config picks the GEMV kernel
+    triton_quant.dequant_matmul(x[:1], qweight, scales, 32, 4, config=(16, 16, 32, 1, 1))
+    assert gemv_calls == []
+    out = triton_quant.dequant_matmul(x[:2], qweight, scales, 32, 4, gemv_config=(16, 64, 1, 1))
+    assert gemv_calls == [2]
+    torch.testing.assert_close(out, expected[:2], atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="at most 4 rows"):
+        triton_quant.dequant_matmul(x, qweight, scales, 32, 4, gemv_config=(16, 64, 1, 1))
+    with pytest.raises(ValueError, match="not both"):
+        triton_quant.dequant_matmul(x[:1], qweight, scales, 32, 4, config=(16, 16, 32, 1, 1), gemv_config=(8, 64, 1, 1))
+    # a weight that does not start on a 4-byte boundary cannot be read as int32 words: tiled kernel
+    storage = torch.empty(qweight.numel() + 1, dtype=torch.uint8)
+    shifted = storage[1:].view_as(qweight).copy_(qweight)
+    assert shifted.data_ptr() % 4
+    out = triton_quant.dequant_matmul(x[:1], shifted, scales, 32, 4)
+    assert gemv_calls == [2]
+    torch.testing.assert_close(out, expected[:1], atol=1e-4, rtol=1e-5)
