@@ -25,7 +25,7 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from cluster.scheduler_actor import DEFAULT_NAMESPACE, scheduler_name
-from deployments.config import INGRESS_NAME, REPLICA_NAME, SERVE_ENV, ServeConfig
+from deployments.config import INGRESS_NAME, REPLICA_ENV, REPLICA_NAME, ServeConfig
 from deployments.ingress import Gate, build_openai_app
 from deployments.metrics import RayReplicaMetrics
 from deployments.replica import ModelReplica
@@ -140,7 +140,7 @@ class OpenAIIngress:
 
 def build_app(config: ServeConfig) -> Application:
     """Deployment options from config, bound into the application graph."""
-    env = {"env_vars": dict(SERVE_ENV)}
+    env = {"env_vars": dict(REPLICA_ENV)}
     replica_options: dict[str, Any] = dict(
         name=REPLICA_NAME,
         max_ongoing_requests=config.replica_max_ongoing_requests,

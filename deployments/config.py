@@ -36,11 +36,24 @@ REPLICA_NAME = "ModelReplica"
 #   2 cores, serve_load at 64 streams went from 318 to 395 output tokens/s and
 #   the ingress and proxy from 9.4 to 3.5 CPU-seconds per run. Replicas start
 #   that server in any case (Ray 2.60), so it opens no new port.
+# REPLICA_ENV adds two more of that mode's settings, for the app's replicas
+# only (their runtime_env): a replica runs our code on its own event loop, not
+# on a second thread's loop, and a handle's router shares its caller's loop.
+# Each streamed item then skips a cross-thread hand-off at each end of the
+# ingress -> ModelReplica hop. Our code never blocks a loop for long: the
+# engine steps on its own thread (engine/async_engine.py). Not process-wide: a
+# handle whose router shares the caller's loop cannot be used outside one, and
+# drivers (`shardline status`, a user's batch job) call handles synchronously.
 METRICS_PUSH_INTERVAL_S = 0.5
 SERVE_ENV: dict[str, str] = {
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+}
+REPLICA_ENV: dict[str, str] = {
+    **SERVE_ENV,
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
 }
 
 

@@ -147,9 +147,9 @@ def test_serve_yaml_is_a_valid_serve_config_for_the_same_app():
     fields, http = load_config_file(str(REPO / "serve.yaml"))
     config = ServeConfig(**fields)
     assert config.model == "smollm2-135m" and http["port"] == 8000
-    from deployments.config import SERVE_ENV
+    from deployments.config import REPLICA_ENV
 
-    assert raw["applications"][0]["runtime_env"]["env_vars"] == SERVE_ENV  # what `shardline serve` sets
+    assert raw["applications"][0]["runtime_env"]["env_vars"] == REPLICA_ENV  # what `shardline serve` sets
     app = app_builder(fields)  # builds the graph without a cluster
     assert app is not None
     with pytest.raises(Exception, match="extra"):
@@ -210,10 +210,11 @@ def test_cpu_shares_count_every_rank_and_never_fall_below_one():
 def test_serve_settings_are_names_ray_reads():
     import ray.serve._private.constants as constants
 
-    from deployments.config import SERVE_ENV
+    from deployments.config import REPLICA_ENV, SERVE_ENV
 
     source = Path(constants.__file__).read_text()
-    for name, value in SERVE_ENV.items():
+    assert REPLICA_ENV.items() >= SERVE_ENV.items()
+    for name, value in REPLICA_ENV.items():
         assert f'"{name}"' in source, f"Ray no longer reads {name}"
         if name.endswith("_INTERVAL_S"):
             assert float(value) <= 1.0
@@ -221,13 +222,21 @@ def test_serve_settings_are_names_ray_reads():
 
 
 def test_serve_processes_stream_over_grpc():
-    """What SERVE_ENV's gRPC setting turns on, read the way Serve reads it (a fresh interpreter)."""
-    from deployments.config import SERVE_ENV
+    """What SERVE_ENV turns on, read the way Serve reads it (a fresh interpreter): gRPC between
+    replicas, and in the replicas (REPLICA_ENV) our code and the handles' routers on the replica's
+    own event loop, but not in other processes, whose handles are called synchronously."""
+    from deployments.config import REPLICA_ENV, SERVE_ENV
 
-    code = "import ray.serve._private.constants as c; print(c.RAY_SERVE_USE_GRPC_BY_DEFAULT, c.RAY_SERVE_PROXY_USE_GRPC)"
-    env = dict(os.environ, **SERVE_ENV)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["True", "True"]
+    code = (
+        "import ray.serve._private.constants as c; print(c.RAY_SERVE_USE_GRPC_BY_DEFAULT, c.RAY_SERVE_PROXY_USE_GRPC,"
+        " c.RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD, c.RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP)"
+    )
+    def read(env: dict[str, str]) -> list[str]:
+        env = dict(os.environ, **env)
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+
+    assert read(REPLICA_ENV) == ["True", "True", "False", "False"]
+    assert read(SERVE_ENV) == ["True", "True", "True", "True"]
 
 
 def test_ray_cluster_yaml_passes_rays_own_validation():
