@@ -195,9 +195,13 @@ def start_columns(
     """
     n, bs = request.num_prompt_tokens, request.block_size
     cached = np.zeros(len(table))
+    rows = table.rows
     for rid, matched in matches.items():
-        if matched and rid in table:
-            cached[table.row(rid)] = usable_cached_blocks(n, bs, matched)
+        row = rows.get(rid)
+        if row is not None:
+            cached[row] = matched
+    # usable_cached_blocks, for every row at once
+    np.clip(cached, 0, max(0, (n - 1) // bs), out=cached)
     if not check_kv:
         return cached, can_start(table, 0, replace(limits, kv_watermark=0.0, max_kv_util=1.0))
     return cached, can_start(table, blocks_needed(n, bs, cached), limits)
@@ -349,17 +353,19 @@ class KVAwarePolicy(PlacementPolicy):
         `best_cached`: the most leading blocks any replica holds.
         """
         bs, n = request.block_size, request.num_prompt_tokens
-        uncached = n - cached_blocks * bs
+        num_blocks = loads.num_blocks
+        # Scalar factors folded first: on a table every operator below is one pass over the rows.
+        uncached = n - bs * cached_blocks
         need = blocks_needed(n, bs, cached_blocks)
-        evicted_tokens = np.maximum(0, need - (loads.num_blocks - indexed_blocks)) * bs
-        occupancy = np.minimum(1.0, indexed_blocks / np.maximum(1, loads.num_blocks))
+        evicted_blocks = np.maximum(0, need - (num_blocks - indexed_blocks))
+        occupancy = np.minimum(1.0, indexed_blocks / np.maximum(1, num_blocks))
         return (
             uncached
             + self.backlog_weight * loads.num_tokens_in_flight
             + self.decode_weight * loads.active
-            + self.eviction_weight * evicted_tokens
-            + self.occupancy_weight * occupancy * n
-            + self.duplicate_weight * np.maximum(0, best_cached - cached_blocks) * bs
+            + (self.eviction_weight * bs) * evicted_blocks
+            + (self.occupancy_weight * n) * occupancy
+            + (self.duplicate_weight * bs) * np.maximum(0, best_cached - cached_blocks)
         )
 
     def cost(self, request: RouteRequest, view: ReplicaView) -> float:
@@ -389,7 +395,7 @@ class KVAwarePolicy(PlacementPolicy):
             best = self._lowest(costs, table, start)
         if best is None:
             return None
-        if waited_s < self.affinity_wait_s:
+        if waited_s < self.affinity_wait_s and (allowed & ~start).any():
             best_any = self._lowest(costs, table, allowed)
             if (
                 best_any is not None
@@ -403,14 +409,17 @@ class KVAwarePolicy(PlacementPolicy):
     @staticmethod
     def _lowest(costs: np.ndarray, table: ReplicaTable, mask: np.ndarray) -> int | None:
         """The row of lowest cost among `mask`; ties: fewer blocks indexed, then replica id."""
-        rows = np.flatnonzero(mask)
-        if not len(rows):
+        masked = np.where(mask, costs, np.inf)
+        best = int(masked.argmin())
+        lowest = masked[best]
+        if lowest == np.inf:
             return None
-        row_costs = costs[rows]
-        tied = rows[row_costs == row_costs.min()]
-        if len(tied) > 1:
-            indexed = table.indexed_blocks[tied]
-            tied = tied[indexed == indexed.min()]
+        tied = masked == lowest
+        if np.count_nonzero(tied) == 1:
+            return best
+        tied = np.flatnonzero(tied)
+        indexed = table.indexed_blocks[tied]
+        tied = tied[indexed == indexed.min()]
         if len(tied) == 1:
             return int(tied[0])
         return min(tied.tolist(), key=table.ids.__getitem__)

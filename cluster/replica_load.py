@@ -12,7 +12,7 @@ or a whole table alike. Rows keep the order replicas joined in.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -44,11 +44,13 @@ class ReplicaLoad:
         """This load plus bindings the replica has not reported yet."""
         if not num_requests:
             return self
-        return replace(
-            self,
-            num_running=self.num_running + num_requests,
-            num_free_blocks=self.num_free_blocks - num_blocks,
-            num_tokens_in_flight=self.num_tokens_in_flight + num_tokens,
+        return ReplicaLoad(
+            self.num_running + num_requests,
+            self.num_waiting,
+            self.num_free_blocks - num_blocks,
+            self.num_blocks,
+            self.num_tokens_in_flight + num_tokens,
+            self.max_num_seqs,
         )
 
     @classmethod
@@ -105,6 +107,11 @@ class ReplicaTable:
 
     def row(self, replica_id: str) -> int:
         return self._rows[replica_id]
+
+    @property
+    def rows(self) -> Mapping[str, int]:
+        """Row of each replica id (read-only use)."""
+        return self._rows
 
     num_running = property(lambda self: self._data[0, : len(self.ids)])
     num_waiting = property(lambda self: self._data[1, : len(self.ids)])
