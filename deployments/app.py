@@ -33,6 +33,7 @@ from deployments.reporter import ReplicaReporter
 from deployments.router import ReplicaRouter
 from deployments.scheduling import SchedulerUnavailable, ingress_link, load_tenants, replica_link
 from deployments.service import OpenAIService
+from deployments.step_stream import StepStreams
 from deployments.tensor_parallel import rank_bundles
 
 SCHEDULED_ROUTER = "deployments.serve_router:ScheduledRequestRouter"
@@ -105,9 +106,12 @@ class OpenAIIngress:
             link.actor()  # start the app's scheduler now, so that the replicas find it
         except SchedulerUnavailable:
             pass  # requests go by Serve's routing until it is up
+        ingress_id = serve.get_replica_context().replica_id.unique_id
         self.router = ReplicaRouter(
-            replica_handle, config.retry_after_s, link, config.block_size, with_text=config.routing == "prefix_approx"
-        )
+            replica_handle, config.retry_after_s, link, config.block_size,
+            with_text=config.routing == "prefix_approx",
+            step_streams=StepStreams(replica_handle, ingress_id) if config.step_stream else None,
+        )  # fmt: skip
         service = OpenAIService(config, Tokenizer(resolve_model(config.model)), self.router, tenants)
         self._app = build_openai_app(service, self.gate, config)
 

@@ -136,6 +136,11 @@ class ServeConfig(BaseModel):
     )
     replica_num_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves for each ModelReplica.")
     num_ingress_replicas: int = Field(1, ge=1, description="OpenAI ingress replicas (HTTP parsing, tokenizing).")
+    step_stream: bool = Field(
+        True,
+        description="Generated tokens reach each ingress on one stream per replica, a whole engine step per "
+        "message (deployments/step_stream.py), instead of one message per token per request.",
+    )
 
     # ---- routing (the head-node scheduler, cluster/) -------------------------
     routing: str = Field(
@@ -299,4 +304,4 @@ class ServeConfig(BaseModel):
         the slack lets a request through to be told 429 instead of waiting
         unseen in the router.
         """
-        return self.max_num_seqs + self.max_queue_len + 16
+        return self.max_num_seqs + self.max_queue_len + 16 + self.num_ingress_replicas  # + each ingress's step stream

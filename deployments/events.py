@@ -2,8 +2,9 @@
 
 The ingress sends one `GenerateRequest` per prompt; the replica streams back
 events. The first event always settles whether the request runs: `Admitted`
-(then `Delta`s until one with `finished`) or `Rejected` (a 4xx the ingress
-reports before any byte of a response is sent). `Failed` is an engine error
+(then `Delta`s until one with `finished`, on the same call or, for a request
+with a `subscriber`, on that ingress's step stream: step_stream.py) or
+`Rejected` (a 4xx the ingress reports before any byte of a response is sent). `Failed` is an engine error
 after admission. Deltas carry only what is new since the previous event, so a
 long completion costs O(length) on the wire, not O(length^2).
 """
@@ -40,6 +41,9 @@ class GenerateRequest:
     replica_hint: Optional[str] = None
     # Prompt tokens the scheduler expects the replica to serve from its cache.
     expected_cached_tokens: int = 0
+    # The ingress whose step stream carries this request's deltas (step_stream.py);
+    # None: they come back on this call, one message each.
+    subscriber: Optional[str] = None
 
 
 @dataclass(slots=True)
@@ -47,6 +51,8 @@ class Admitted:
     """The replica took the request; deltas follow."""
 
     prompt_tokens: int
+    # The Serve replica that runs it (where its step stream comes from).
+    replica_id: str = ""
 
 
 @dataclass(slots=True)

@@ -8,7 +8,9 @@ tests drive it directly. For each request it
    beyond the context, a prompt the cache cannot hold),
 2. applies the queue limit (admission.py),
 3. yields `Admitted`, then one `Delta` per engine step with only the new
-   text, token ids and logprobs, the last one `finished`.
+   text, token ids and logprobs, the last one `finished`; for a request with
+   a `subscriber` the deltas go to that ingress's outbox instead, which
+   `subscribe` streams a whole engine step at a time (step_stream.py).
 
 Leaving the stream early (a client disconnect reaches here as CancelledError
 or GeneratorExit at the next await) aborts the engine request, which frees its
@@ -24,13 +26,14 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Optional, Union
 
 from cluster.placement import ReplicaLoad as RoutingLoad
 from deployments.admission import ReplicaLoad, admit
 from deployments.config import ServeConfig
 from deployments.events import Admitted, ChoiceDelta, Delta, Failed, GenerateRequest, Rejected, ReplicaEvent
 from deployments.metrics import NullMetrics, RequestTimings
+from deployments.step_stream import NotHere, Outboxes, Subscription
 from engine import AsyncLLMEngine, EngineConfig, LLMEngine, RequestOutput
 
 
@@ -85,6 +88,8 @@ class ModelReplica:
         self._prefill_backlog: dict[str, int] = {}
         # Called when a request's prompt blocks became cached or a request ended (a report is due).
         self.on_routing_news: Optional[Callable[[], None]] = None
+        # Deltas of requests whose ingress reads them from its step stream.
+        self.outboxes = Outboxes()
 
     @staticmethod
     def _build_engine(config: ServeConfig) -> AsyncLLMEngine:
@@ -232,7 +237,11 @@ class ModelReplica:
         self._publish_load()
         finished = False
         try:
-            yield Admitted(len(request.prompt_token_ids))
+            yield Admitted(len(request.prompt_token_ids), self.replica_id)
+            outbox = None
+            if request.subscriber is not None:
+                outbox = self.outboxes.get(request.subscriber)
+                outbox.open_requests += 1
             prompt = {"prompt_token_ids": request.prompt_token_ids}
             sent: dict[int, _Sent] = {}
             last: Optional[RequestOutput] = None
@@ -244,11 +253,21 @@ class ModelReplica:
                     delta = take_delta(out, sent)
                     finished = out.finished
                     if delta.choices or delta.finished:
-                        yield delta
+                        if outbox is None:
+                            yield delta
+                        else:
+                            outbox.put(request.request_id, delta)
             except (ValueError, RuntimeError) as e:  # EngineDeadError is a RuntimeError
                 finished = True
-                yield Failed(f"engine error: {e}")
+                failed = Failed(f"engine error: {e}")
+                if outbox is None:
+                    yield failed
+                else:
+                    outbox.put(request.request_id, failed)
                 return
+            finally:
+                if outbox is not None:
+                    outbox.request_ended()
             if last is not None:
                 self._record(request, last)
         finally:
@@ -259,6 +278,14 @@ class ModelReplica:
             self._num_inflight -= 1
             self._routing_news()
             self._publish_load()
+
+    async def subscribe(self, subscription: Subscription) -> AsyncIterator[Union[list, NotHere]]:
+        """The step stream of one ingress: lists of (request id, event), one per engine step (step_stream.py)."""
+        if subscription.replica_hint != self.replica_id:
+            yield NotHere(self.replica_id)
+            return
+        async for batch in self.outboxes.stream(subscription.subscriber):
+            yield batch
 
     def _record(self, request: GenerateRequest, out: RequestOutput) -> None:
         m = out.metrics

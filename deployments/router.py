@@ -25,13 +25,15 @@ that becomes the same 429 the replicas' own admission gives (admission.py).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, AsyncIterator, Optional
 
 from cluster.global_queue import Rejection
 from cluster.placement import Priority, RouteRequest
 from cluster.scheduler import Assignment, RequestUsage
 from deployments.admission import queue_full
-from deployments.events import Admitted, Delta, GenerateRequest, Rejected, ReplicaEvent
+from deployments.events import Admitted, Delta, Failed, GenerateRequest, Rejected, ReplicaEvent
+from deployments.step_stream import StepStreams
 from engine.kv_cache import hash_prompt_blocks
 
 
@@ -92,6 +94,17 @@ class _Usage:
         return RequestUsage(self.prompt_tokens, min(self.cached_tokens, self.prompt_tokens), self.completion_tokens)
 
 
+async def _watch(response: Any, queue: asyncio.Queue) -> None:
+    """Run out a request's own call (it ends with the request); its error fails the request."""
+    try:
+        async for _ in response:
+            pass
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # the replica died: the step stream may never say so for this request
+        queue.put_nowait(Failed(f"replica call failed: {type(e).__name__}: {str(e).strip()[:200]}"))
+
+
 class ReplicaRouter:
     """Streams a request's events from the ModelReplica the scheduler chose.
 
@@ -110,6 +123,7 @@ class ReplicaRouter:
         scheduler: Any = None,
         block_size: int = 16,
         with_text: bool = False,
+        step_streams: Optional[StepStreams] = None,
     ):
         from ray.serve.exceptions import BackPressureError
 
@@ -120,6 +134,7 @@ class ReplicaRouter:
         self.scheduler = scheduler
         self.block_size = block_size
         self.with_text = with_text
+        self.step_streams = step_streams
         # Requests routed by the scheduler, and without it (it was unreachable).
         self.num_scheduled = 0
         self.num_fallback = 0
@@ -137,12 +152,23 @@ class ReplicaRouter:
         else:
             self.num_fallback += 1
         usage = _Usage(len(request.prompt_token_ids))
+        events = self._events(request) if self.step_streams is None else self._step_stream_events(request)
+        try:
+            async for event in events:
+                usage.see(event)
+                yield event
+        finally:
+            await events.aclose()  # left early: cancels the request at its replica
+            if placed is not None:
+                self.scheduler.notify("finished", request.request_id, usage.final())
+
+    async def _events(self, request: GenerateRequest) -> AsyncIterator[ReplicaEvent]:
+        """Every event on the request's own call."""
         response = self._stream.generate.remote(request)
         finished = False
         try:
             try:
                 async for event in response:
-                    usage.see(event)
                     yield event
             except self._backpressure:
                 yield queue_full(self._retry_after_s, where="every replica")
@@ -151,8 +177,40 @@ class ReplicaRouter:
             if not finished:
                 # The replica sees CancelledError at its next await and aborts the request.
                 response.cancel()
-            if placed is not None:
-                self.scheduler.notify("finished", request.request_id, usage.final())
+
+    async def _step_stream_events(self, request: GenerateRequest) -> AsyncIterator[ReplicaEvent]:
+        """Admitted (or Rejected) on the request's own call, then its deltas from the replica's step stream."""
+        streams = self.step_streams
+        queue = streams.open(request.request_id)
+        request.subscriber = streams.subscriber
+        response = self._stream.generate.remote(request)
+        watcher: Optional[asyncio.Task] = None
+        finished = False
+        try:
+            try:
+                first = await response.__anext__()
+            except self._backpressure:
+                first = queue_full(self._retry_after_s, where="every replica")
+            except StopAsyncIteration:
+                first = Failed("the replica ended the request without answering")
+            yield first
+            if not isinstance(first, Admitted):
+                finished = True
+                return
+            streams.bind(request.request_id, first.replica_id)
+            watcher = asyncio.get_running_loop().create_task(_watch(response, queue))
+            while True:
+                event = await queue.get()
+                yield event
+                if isinstance(event, Failed) or (isinstance(event, Delta) and event.finished):
+                    break
+            finished = True
+        finally:
+            streams.close(request.request_id)
+            if watcher is not None:
+                watcher.cancel()
+            if not finished:
+                response.cancel()
 
     async def _place(self, request: GenerateRequest) -> Assignment | Rejection | None:
         """The scheduler's answer, or None to route without it."""
