@@ -11,6 +11,9 @@ With a head-node scheduler (the default), one request goes:
    503, answered as the replica's own rejections are);
 3. send it through the ModelReplica handle with the chosen replica's id in
    `replica_hint`: Serve's request router (serve_router.py) delivers it there;
+   the call answers Admitted or Rejected, and the deltas come back on this
+   ingress's step stream from that replica (step_stream.py), or on the call
+   itself when the step stream is off;
 4. when the stream ends, however it ends, `finished(id, usage)`; a request
    whose client leaves while it is queued is cancelled in the queue.
 
