@@ -127,7 +127,8 @@ class OpenAIIngress:
         return self.gate.num_inflight
 
     def routing_counts(self) -> dict[str, Any]:
-        """Requests the scheduler placed, those routed without it (it was unreachable), and why."""
+        """Requests the scheduler placed, those routed without it (it was unreachable) and why, and how
+        many step streams this ingress has opened (one per replica, again after each idle end)."""
         link = self.router.scheduler
         return {
             "scheduled": self.router.num_scheduled,
@@ -135,6 +136,7 @@ class OpenAIIngress:
             "link_up": link is not None and link.available(),
             "link_failures": link.num_failures if link is not None else 0,
             "link_error": link.last_error if link is not None else None,
+            "step_subscriptions": self.router.step_streams.num_subscriptions if self.router.step_streams else 0,
         }
 
     async def replica_stats(self) -> list[dict[str, Any]]:

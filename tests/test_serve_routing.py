@@ -147,6 +147,10 @@ def test_shared_system_prompts_land_where_they_are_cached_and_kv_aware_beats_rou
     firsts = {order.index(t) for t in set(order)}
     oracle = sum(context[t] for i, (t, _, _) in enumerate(cached) if i not in firsts) / sum(p for _, p, _ in cached)
     assert rates["kv"] >= 0.9 * oracle and rates["kv"] > rates["rr"] + 0.15, (rates, oracle)
+    from ray import serve
+
+    counts = serve.get_deployment_handle(INGRESS_NAME, "kv").routing_counts.remote().result(timeout_s=30)
+    assert counts["step_subscriptions"] >= 1  # the deltas came back on step streams
 
 
 def test_a_tenant_flooding_the_queue_does_not_starve_another(cluster):
