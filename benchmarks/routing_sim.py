@@ -299,8 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         results[policy] = run_policy(w, policy, arrivals, args.kv_knobs if policy == "kv_aware" else None)
         print(f"{policy:14s} {results[policy]}  ({time.perf_counter() - t0:.1f} s wall)", file=sys.stderr)
-    summary: dict = {"scheduler_capacity": capacity,"workload": {k: getattr(w, k) for k in ("replicas", "tenants", "requests", "rate", "context_tokens", "kv_fill")},
-                     "results": results}
+    workload = {k: getattr(w, k) for k in ("replicas", "tenants", "requests", "rate", "context_tokens", "kv_fill")}
+    summary: dict = {"scheduler_capacity": capacity, "workload": workload, "results": results}
     if "round_robin" in results and "kv_aware" in results:
         rr, kv = results["round_robin"], results["kv_aware"]
         summary["kv_aware_vs_round_robin"] = {
