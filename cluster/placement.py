@@ -152,9 +152,15 @@ class ReplicaView:
     indexed_blocks: int = 0
 
 
-def usable_cached_blocks(num_prompt_tokens: int, block_size: int, matched_blocks: int) -> int:
-    """Cached blocks the engine would reuse: at least one prompt token is always computed."""
-    return max(0, min(matched_blocks, (num_prompt_tokens - 1) // block_size))
+def usable_cached_blocks(num_prompt_tokens: int, block_size: int, matched_blocks):
+    """Cached blocks the engine would reuse: at least one prompt token is always computed.
+
+    `matched_blocks` is an int, or an array with one count per row (then an array).
+    """
+    cap = max(0, (num_prompt_tokens - 1) // block_size)
+    if isinstance(matched_blocks, np.ndarray):
+        return np.clip(matched_blocks, 0, cap)
+    return max(0, min(matched_blocks, cap))
 
 
 def blocks_needed(num_prompt_tokens: int, block_size: int, cached_blocks: int) -> int:
@@ -194,14 +200,13 @@ def start_columns(
     routing: the replica's engine queues a request it has no blocks for.
     """
     n, bs = request.num_prompt_tokens, request.block_size
-    cached = np.zeros(len(table))
+    matched = np.zeros(len(table))
     rows = table.rows
-    for rid, matched in matches.items():
+    for rid, blocks in matches.items():
         row = rows.get(rid)
         if row is not None:
-            cached[row] = matched
-    # usable_cached_blocks, for every row at once
-    np.clip(cached, 0, max(0, (n - 1) // bs), out=cached)
+            matched[row] = blocks
+    cached = usable_cached_blocks(n, bs, matched)
     if not check_kv:
         return cached, can_start(table, 0, replace(limits, kv_watermark=0.0, max_kv_util=1.0))
     return cached, can_start(table, blocks_needed(n, bs, cached), limits)
