@@ -102,8 +102,6 @@ async def _watch(response: Any, queue: asyncio.Queue) -> None:
     try:
         async for _ in response:
             pass
-    except asyncio.CancelledError:
-        raise
     except Exception as e:  # the replica died: the step stream may never say so for this request
         queue.put_nowait(Failed(f"replica call failed: {type(e).__name__}: {str(e).strip()[:200]}"))
 

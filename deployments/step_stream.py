@@ -70,6 +70,8 @@ class Outbox:
         self.open_requests = 0
         # Bumped by every new subscription: an older one then ends.
         self.generation = 0
+        # Subscriptions reading it now (a superseded one until it notices).
+        self.readers = 0
         self.last_taken = time.monotonic()
         self._waiters: list[asyncio.Future] = []
 
@@ -119,7 +121,6 @@ class Outboxes:
         self.idle_s = idle_s
         self.orphan_ttl_s = orphan_ttl_s
         self._boxes: dict[str, Outbox] = {}
-        self._subscribed: dict[str, int] = {}
 
     def get(self, subscriber: str) -> Outbox:
         """The subscriber's outbox (created on first use); forgets orphaned ones."""
@@ -132,7 +133,7 @@ class Outboxes:
     def _forget_orphans(self) -> None:
         now = time.monotonic()
         for name, box in list(self._boxes.items()):
-            if not self._subscribed.get(name) and box.open_requests <= 0 and now - box.last_taken > self.orphan_ttl_s:
+            if not box.readers and box.open_requests <= 0 and now - box.last_taken > self.orphan_ttl_s:
                 del self._boxes[name]
 
     def __len__(self) -> int:
@@ -144,7 +145,7 @@ class Outboxes:
         box.generation += 1
         box.wake()  # a previous subscription sees it is superseded
         generation = box.generation
-        self._subscribed[subscriber] = self._subscribed.get(subscriber, 0) + 1
+        box.readers += 1
         try:
             while True:
                 items = await box.take(generation, self.idle_s)
@@ -152,7 +153,7 @@ class Outboxes:
                     return
                 yield items
         finally:
-            self._subscribed[subscriber] -= 1
+            box.readers -= 1
             box.last_taken = time.monotonic()
 
 
@@ -210,9 +211,7 @@ class StepStreams:
                     entry = self._open.get(request_id)
                     if entry is not None:
                         entry[1].put_nowait(event)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # the replica died or could not be reached
+        except Exception as e:  # the replica died or could not be reached (CancelledError passes: not an Exception)
             error = f"lost the stream from replica {replica_id}: {type(e).__name__}: {e}"
         finally:
             if self._readers.get(replica_id) is me:
