@@ -241,8 +241,7 @@ def compile_all(arch: int, dtypes: list[str]) -> dict:
                       dict(GROUP_SIZE=128, BITS=bits, M=m, BLOCK_N=block_n, SUB=128, G=block_k // 128,
                            EVEN_K=False), num_warps=warps)  # fmt: skip
             for block_m, block_n, block_k, _, _ in (tq.SMALL_BATCH_CONFIG, tq.LARGE_BATCH_CONFIG):
-                build(f"dequant_matmul_int{bits}_{dt}_bm{block_m}", tq._dequant_matmul_kernel,
-                      dict(out_ptr=dt, x_ptr=dt, qweight_ptr="u8" if bits == 4 else "i8", scales_ptr=dt),
+                build(f"dequant_matmul_int{bits}_{dt}_bm{block_m}", tq._dequant_matmul_kernel, quant_ptrs,
                       dict(GROUP_SIZE=128, BITS=bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(block_k, 128),
                            UPCAST=upcast))  # fmt: skip
     return seconds
