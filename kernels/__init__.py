@@ -136,11 +136,9 @@ DecodeLayerWeights = reference.DecodeLayerWeights
 DecodeStack = reference.DecodeStack
 
 
-def fused_decode_max_seqs(device: torch.device, dtype: torch.dtype) -> int:
-    """The most sequences a decode step may have for `decode_model` to run as one native call (0: none)."""
-    if resolve("decode_model", "auto", device) is cpu_native.decode_model and cpu_native.packed_supported(dtype):
-        return cpu_native.SMALL_M
-    return 0
+def fused_decode_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a decode step runs `decode_model` as one native call (the whole stack, any batch size)."""
+    return resolve("decode_model", "auto", device) is cpu_native.decode_model and cpu_native.packed_supported(dtype)
 
 
 def decode_layer(
@@ -154,7 +152,7 @@ def decode_layer(
     weights: DecodeLayerWeights,
     impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole decoder layer for a small decode step (the native version is one call: no per-op overhead)."""
+    """A whole decoder layer for a decode step (the native version is one call: no per-op overhead)."""
     fn = resolve("decode_layer", impl, hidden.device)
     return fn(hidden, residual, positions, slot_mapping, block_tables, context_lens, rope_cache, weights)
 
@@ -169,7 +167,7 @@ def decode_model(
     stack: DecodeStack,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """Every layer of a small decode step plus the final norm (natively: one call per step)."""
+    """Every layer of a decode step plus the final norm (natively: one call per step)."""
     fn = resolve("decode_model", impl, hidden.device)
     return fn(hidden, positions, slot_mapping, block_tables, context_lens, rope_cache, stack)
 

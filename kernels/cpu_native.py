@@ -331,9 +331,6 @@ def write_kv_cache(
     )
 
 
-# Decode steps of up to this many sequences run the whole stack natively (decode_model).
-SMALL_M = 32
-
 # Weights repacked for linear_packed (kernels/csrc: panels of 64 output columns,
 # K-major), made at load time (kernels.prepare_linear_weights) or on first use,
 # on huge pages, dropped with the weight. Measured
@@ -451,10 +448,8 @@ def decode_layer(
     rope_cache: torch.Tensor,
     w: "DecodeLayerWeights",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as kernels.reference.decode_layer, in one native call (up to SMALL_M sequences)."""
+    """Same contract as kernels.reference.decode_layer, in one native call."""
     num_seqs, hidden_size = hidden.shape
-    if num_seqs > SMALL_M:
-        raise ValueError(f"native decode_layer takes at most {SMALL_M} sequences, got {num_seqs}")
     fn = _kernel("decode_layer", hidden.dtype)
     out = hidden.contiguous().clone()
     first = residual is None
@@ -520,10 +515,8 @@ def decode_model(
     rope_cache: torch.Tensor,
     stack,
 ) -> torch.Tensor:
-    """Same contract as kernels.reference.decode_model, in one native call (up to SMALL_M sequences)."""
+    """Same contract as kernels.reference.decode_model, in one native call."""
     num_seqs, hidden_size = hidden.shape
-    if num_seqs > SMALL_M:
-        raise ValueError(f"native decode_model takes at most {SMALL_M} sequences, got {num_seqs}")
     fn = _kernel("decode_model", hidden.dtype)
     w0 = stack.layers[0]
     out = hidden.contiguous().clone()

@@ -174,8 +174,11 @@ def test_linear_beyond_small_m_matches_torch():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("num_seqs, first, bias", [(1, True, False), (3, False, True), (4, False, False)])
+@pytest.mark.parametrize(
+    "num_seqs, first, bias", [(1, True, False), (3, False, True), (4, False, False), (70, False, True)]
+)
 def test_decode_layer_matches_its_reference(dtype, num_seqs, first, bias):
+    """Any batch size: the engine runs every pure decode step through the native stack (70 > a 64-row block)."""
     from engine.model import build_rope_cache
 
     g = torch.Generator().manual_seed(6)
@@ -202,11 +205,14 @@ def test_decode_layer_matches_its_reference(dtype, num_seqs, first, bias):
             scale=head_dim**-0.5,
         )
 
-    k_cache, v_cache = r(20, block_size, kv_heads, head_dim, scale=1.0), r(20, block_size, kv_heads, head_dim, scale=1.0)
+    num_blocks = 4 * num_seqs + 4
+    k_cache = r(num_blocks, block_size, kv_heads, head_dim, scale=1.0)
+    v_cache = r(num_blocks, block_size, kv_heads, head_dim, scale=1.0)
     w_native = weights(k_cache.clone(), v_cache.clone())
     w_ref = reference.DecodeLayerWeights(**{**w_native.__dict__, "k_cache": k_cache.clone(), "v_cache": v_cache.clone()})
-    lens = torch.tensor([5, 9, 1, 13][:num_seqs], dtype=torch.int32)
-    tables = torch.stack([torch.randperm(20, generator=g)[:4] for _ in range(num_seqs)]).to(torch.int32)
+    lens = torch.tensor([5, 9, 1, 13] * num_seqs, dtype=torch.int32)[:num_seqs]
+    # Disjoint block tables: no two sequences write the same slot.
+    tables = torch.randperm(num_blocks, generator=g)[: 4 * num_seqs].view(num_seqs, 4).to(torch.int32)
     positions = (lens - 1).to(torch.int64)
     slots = (tables[torch.arange(num_seqs), positions // block_size].to(torch.int64) * block_size + positions % block_size)
     x = r(num_seqs, hidden, scale=1.0)

@@ -358,7 +358,7 @@ def test_the_triton_override_leaves_kernels_without_triton_on_torch(monkeypatch)
     monkeypatch.setenv("SHARDLINE_KERNELS", "triton")
     cuda = torch.device("cuda")  # resolve only reads the device type: no GPU needed
     assert resolve("decode_model", "auto", cuda) is reference.decode_model
-    assert kernels.fused_decode_max_seqs(cuda, torch.bfloat16) == 0
+    assert not kernels.fused_decode_supported(cuda, torch.bfloat16)
     assert resolve("rms_norm", "auto", cuda).__name__ == "triton_norm.rms_norm"
     with pytest.raises(ValueError, match="no Triton implementation"):
         resolve("decode_model", "triton", cuda)

@@ -892,7 +892,7 @@ int linear_packed_bf16(const uint16_t* x, const uint16_t* wp, const uint16_t* b,
 #endif
 
 // ---------------------------------------------------------------------------
-// One whole decoder layer for a decode step of at most MAX_SMALL_M sequences,
+// One whole decoder layer for a decode step (any number of sequences),
 // in one call: Python's per-op overhead (about ten calls per layer) is what a
 // small-batch decode step otherwise spends most of its time on. The steps and
 // their rounding points are those of engine/model.py's modular path:
@@ -949,7 +949,7 @@ DEFINE_DECODE_LAYER(decode_layer_f32, float, f32)
 DEFINE_DECODE_LAYER(decode_layer_bf16, uint16_t, bf16)
 
 // ---------------------------------------------------------------------------
-// Every decoder layer of a small decode step, then the final norm, in one
+// Every decoder layer of a decode step, then the final norm, in one
 // call: the per-layer Python dispatch is the rest of what a batch-1 step of a
 // small model spends beside streaming its weights. Per-layer tensors arrive as
 // arrays of addresses (index = layer). `hidden` [M, H] holds the embeddings on
