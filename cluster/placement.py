@@ -56,7 +56,9 @@ Policies, selectable by name (`make_policy`):
   replica; on GPUs, where that takes tens of milliseconds, set it lower.
 
 Feasibility ("can start now") is mechanism: a free batch slot (active <
-max_num_seqs, at most `max_replica_waiting` requests queued there) and, for
+max_num_seqs, and either at most `max_replica_waiting` requests queued there
+or the prompt tokens queued there plus this prompt's fit in the replica's
+next engine step) and, for
 `kv_aware`, free KV blocks for the uncached part of the prompt plus one
 generated token, above a small watermark. The KV-blind policies know nothing
 of blocks, as Serve's and SGLang's routers do not: a free slot is enough and
@@ -69,7 +71,7 @@ from __future__ import annotations
 import enum
 import heapq
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import ClassVar, Mapping, Sequence
 
 import numpy as np
@@ -124,7 +126,8 @@ class RouteRequest:
 class StartLimits:
     """When a replica counts as able to start a request now."""
 
-    # Requests a replica may hold in its own queue (0: bind only to a free slot).
+    # Requests a replica may hold in its own queue (0: bind only to a free slot)
+    # beyond those its next step can take anyway (see `can_start`).
     # One: a request that reached the replica during a step shows as waiting
     # until the next step admits it; at 0 that replica took nothing new for a
     # whole (one-second) prefill step, and its tenants' requests recomputed
@@ -172,13 +175,29 @@ def blocks_needed(num_prompt_tokens: int, block_size: int, cached_blocks: int) -
     return -(-(num_prompt_tokens + 1) // block_size) - cached_blocks
 
 
-def can_start(load: ReplicaLoad | ReplicaTable, need_blocks, limits: StartLimits):
-    """A free batch slot and enough free KV blocks, within the class's ceilings.
+def has_slot(load: ReplicaLoad | ReplicaTable, new_tokens, limits: StartLimits):
+    """A free batch slot for a prompt of `new_tokens` uncached tokens.
 
-    On a ReplicaTable, with `need_blocks` per row, it answers for every row at
-    once (a boolean array); on a ReplicaLoad, a bool.
+    Below max_num_seqs, and the replica's queue short: at most
+    `max_replica_waiting` requests, or prompts that, with this one, fit in the
+    replica's next step (`max_step_tokens`). The engine starts all of those in
+    that step, so a burst binds at once and is prefilled together; counting
+    requests alone held the third request of a burst in the global queue
+    until the replica's next step had begun, and it then waited a whole step
+    more at the replica (about three steps to the first token, not two).
     """
-    ok = (load.num_waiting <= limits.max_replica_waiting) & (load.active < load.max_num_seqs * limits.max_seq_util)
+    fits_next_step = (load.max_step_tokens > 0) & (load.num_tokens_in_flight + new_tokens <= load.max_step_tokens)
+    short_queue = (load.num_waiting <= limits.max_replica_waiting) | fits_next_step
+    return short_queue & (load.active < load.max_num_seqs * limits.max_seq_util)
+
+
+def can_start(load: ReplicaLoad | ReplicaTable, need_blocks, limits: StartLimits, new_tokens=0):
+    """A free batch slot (`has_slot`) and enough free KV blocks, within the class's ceilings.
+
+    On a ReplicaTable, with `need_blocks` and `new_tokens` per row, it answers
+    for every row at once (a boolean array); on a ReplicaLoad, a bool.
+    """
+    ok = has_slot(load, new_tokens, limits)
     ok = ok & (load.num_free_blocks - need_blocks >= np.floor(limits.kv_watermark * load.num_blocks))
     if limits.max_kv_util < 1.0:
         ok = ok & (load.num_blocks - load.num_free_blocks + need_blocks <= limits.max_kv_util * load.num_blocks)
@@ -207,9 +226,10 @@ def start_columns(
         if row is not None:
             matched[row] = blocks
     cached = usable_cached_blocks(n, bs, matched)
+    new_tokens = n - cached * bs
     if not check_kv:
-        return cached, can_start(table, 0, replace(limits, kv_watermark=0.0, max_kv_util=1.0))
-    return cached, can_start(table, blocks_needed(n, bs, cached), limits)
+        return cached, has_slot(table, new_tokens, limits)
+    return cached, can_start(table, blocks_needed(n, bs, cached), limits, new_tokens)
 
 
 def build_views(

@@ -20,7 +20,7 @@ import numpy as np
 
 @dataclass(slots=True, frozen=True)
 class ReplicaLoad:
-    """A replica's load as it reports it (see `from_engine_stats`)."""
+    """A replica's load as it reports it (deployments/replica.py: `ModelReplica.routing_load`)."""
 
     # Requests in the running batch.
     num_running: int
@@ -34,6 +34,9 @@ class ReplicaLoad:
     num_tokens_in_flight: int = 0
     # Batch slots.
     max_num_seqs: int = 128
+    # Tokens one engine step computes at most (its max_num_batched_tokens; 0: not reported).
+    # Requests whose prompts fit in the next step's budget may queue there (`can_start`).
+    max_step_tokens: int = 0
 
     @property
     def active(self) -> int:
@@ -51,29 +54,20 @@ class ReplicaLoad:
             self.num_blocks,
             self.num_tokens_in_flight + num_tokens,
             self.max_num_seqs,
+            self.max_step_tokens,
         )
-
-    @classmethod
-    def from_engine_stats(
-        cls, stats: Mapping[str, float], max_num_seqs: int, num_tokens_in_flight: int = 0
-    ) -> "ReplicaLoad":
-        """From `LLMEngine.stats()` (the wire edge: a dict, validated here)."""
-        try:
-            return cls(
-                num_running=int(stats["num_running"]),
-                num_waiting=int(stats["num_waiting"]),
-                num_free_blocks=int(stats["num_free_blocks"]),
-                num_blocks=int(stats["num_blocks"]),
-                num_tokens_in_flight=int(stats.get("num_tokens_in_flight", num_tokens_in_flight)),
-                max_num_seqs=max_num_seqs,
-            )
-        except KeyError as e:
-            raise ValueError(f"engine stats lack {e.args[0]!r}; got keys {sorted(stats)}") from None
-
 
 
 # ReplicaLoad's fields, then the table's own.
-LOAD_COLUMNS = ("num_running", "num_waiting", "num_free_blocks", "num_blocks", "num_tokens_in_flight", "max_num_seqs")
+LOAD_COLUMNS = (
+    "num_running",
+    "num_waiting",
+    "num_free_blocks",
+    "num_blocks",
+    "num_tokens_in_flight",
+    "max_num_seqs",
+    "max_step_tokens",
+)
 COLUMNS = LOAD_COLUMNS + ("indexed_blocks", "last_report", "active")
 
 
@@ -119,10 +113,11 @@ class ReplicaTable:
     num_blocks = property(lambda self: self._data[3, : len(self.ids)])
     num_tokens_in_flight = property(lambda self: self._data[4, : len(self.ids)])
     max_num_seqs = property(lambda self: self._data[5, : len(self.ids)])
-    indexed_blocks = property(lambda self: self._data[6, : len(self.ids)])
-    last_report = property(lambda self: self._data[7, : len(self.ids)])
+    max_step_tokens = property(lambda self: self._data[6, : len(self.ids)])
+    indexed_blocks = property(lambda self: self._data[7, : len(self.ids)])
+    last_report = property(lambda self: self._data[8, : len(self.ids)])
     # Requests each replica holds, running or queued (ReplicaLoad.active).
-    active = property(lambda self: self._data[8, : len(self.ids)])
+    active = property(lambda self: self._data[9, : len(self.ids)])
 
     def _row_of(self, replica_id: str) -> int:
         row = self._rows.get(replica_id)
@@ -146,13 +141,14 @@ class ReplicaTable:
         d[3, row] = load.num_blocks
         d[4, row] = load.num_tokens_in_flight
         d[5, row] = load.max_num_seqs
-        d[8, row] = load.num_running + load.num_waiting
+        d[6, row] = load.max_step_tokens
+        d[9, row] = load.num_running + load.num_waiting
 
     def set_indexed(self, replica_id: str, num_blocks: int) -> None:
-        self._data[6, self._row_of(replica_id)] = num_blocks
+        self._data[7, self._row_of(replica_id)] = num_blocks
 
     def set_last_report(self, replica_id: str, now: float) -> None:
-        self._data[7, self._row_of(replica_id)] = now
+        self._data[8, self._row_of(replica_id)] = now
 
     def set_draining(self, replica_id: str, draining: bool) -> None:
         self._draining[self._row_of(replica_id)] = draining

@@ -317,7 +317,11 @@ class Scheduler:
         wait_cap = self.config.interactive_limits.max_replica_waiting
 
         def free_slot(rows):
-            return (table.active[rows] < table.max_num_seqs[rows]) & (table.num_waiting[rows] <= wait_cap)
+            """Whether a row may start some request (`has_slot` for the smallest prompt)."""
+            short_queue = (table.num_waiting[rows] <= wait_cap) | (
+                table.num_tokens_in_flight[rows] < table.max_step_tokens[rows]
+            )
+            return (table.active[rows] < table.max_num_seqs[rows]) & short_queue
 
         # Rows with a free batch slot; kept current as requests bind (dispatch stops when none is left).
         room = eligible & free_slot(slice(None))

@@ -160,6 +160,7 @@ class ModelReplica:
             num_blocks=int(s["num_blocks"]),
             num_tokens_in_flight=sum(self._prefill_backlog.values()),
             max_num_seqs=self.engine.engine.config.max_num_seqs,
+            max_step_tokens=self.engine.engine.scheduler.config.max_num_batched_tokens,
         )
 
     def _routing_news(self) -> None:

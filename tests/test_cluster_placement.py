@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from cluster.kv_index import STORED, KVIndex
@@ -19,16 +20,18 @@ from cluster.placement import (
     blocks_needed,
     build_views,
     can_start,
+    has_slot,
     make_policy,
     usable_cached_blocks,
 )
+from cluster.replica_load import ReplicaTable
 from engine.kv_cache import hash_prompt_blocks
 
 BS = 16
 
 
-def load(running=0, waiting=0, free=1000, blocks=1000, tokens=0, max_seqs=16) -> ReplicaLoad:
-    return ReplicaLoad(running, waiting, free, blocks, tokens, max_seqs)
+def load(running=0, waiting=0, free=1000, blocks=1000, tokens=0, max_seqs=16, step_tokens=0) -> ReplicaLoad:
+    return ReplicaLoad(running, waiting, free, blocks, tokens, max_seqs, step_tokens)
 
 
 def request(n_tokens=640, cached_hashes=(), text="", rid="q") -> RouteRequest:
@@ -61,6 +64,22 @@ def test_can_start():
     assert can_start(load(running=7, free=600), 100, batch)
     assert not can_start(load(running=8, free=600), 100, batch)
     assert not can_start(load(running=7, free=599), 100, batch)
+
+
+def test_a_replica_queues_what_its_next_step_can_take():
+    """Past `max_replica_waiting`, a replica still takes prompts that fit its next step's token budget."""
+    lim = StartLimits(max_replica_waiting=1)
+    busy = dict(running=4, waiting=3, step_tokens=2048)
+    assert can_start(load(tokens=384, **busy), 9, lim, new_tokens=128)  # 3 queued prompts + this one: 512
+    assert can_start(load(tokens=1920, **busy), 9, lim, new_tokens=128)  # exactly the budget
+    assert not can_start(load(tokens=1921, **busy), 9, lim, new_tokens=128)
+    assert not can_start(load(tokens=0, running=4, waiting=3), 9, lim, new_tokens=128)  # no budget reported
+    assert can_start(load(tokens=5000, running=4, waiting=1, step_tokens=2048), 9, lim, new_tokens=128)  # count rule
+    assert not can_start(load(tokens=0, running=16, waiting=0, step_tokens=2048), 9, lim, new_tokens=1)  # no slot
+    table = ReplicaTable.of(
+        [("a", load(tokens=384, **busy), 0), ("b", load(tokens=1984, **busy), 0), ("c", load(waiting=3), 0)]
+    )
+    assert has_slot(table, np.array([128, 128, 128]), lim).tolist() == [True, False, False]
 
 
 def test_request_validation():

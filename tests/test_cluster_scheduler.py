@@ -23,8 +23,8 @@ from engine.kv_cache import hash_prompt_blocks
 BS = 16
 
 
-def load(running=0, waiting=0, free=1000, blocks=1000, max_seqs=4, tokens=0) -> ReplicaLoad:
-    return ReplicaLoad(running, waiting, free, blocks, tokens, max_seqs)
+def load(running=0, waiting=0, free=1000, blocks=1000, max_seqs=4, tokens=0, step_tokens=0) -> ReplicaLoad:
+    return ReplicaLoad(running, waiting, free, blocks, tokens, max_seqs, step_tokens)
 
 
 class Cluster:
@@ -48,6 +48,24 @@ def prompt(tenant="t", n=320, seed=0, salt=()):
 def rr(rid, tenant="t", n=320, seed=0, salt=(), priority=Priority.INTERACTIVE, max_tokens=16) -> RouteRequest:
     _, hashes = prompt(tenant, n, seed, salt)
     return RouteRequest(rid, tenant, hashes, BS, n, max_tokens, priority)
+
+
+def test_a_burst_binds_at_once_while_it_fits_the_replicas_next_step():
+    """A replica already queueing requests takes more as long as their prompts fit its next step:
+    the burst is prefilled in one step instead of trickling in one report at a time."""
+    s = Scheduler()
+    c = Cluster(s, replicas=("r0",))
+    c.report("r0", load(running=2, waiting=2, max_seqs=64, tokens=640, step_tokens=2048))
+    for i in range(8):
+        s.submit(rr(f"q{i}", seed=i, n=320), now=0.0)
+    bound = s.poll_assignments(now=0.0)
+    # 640 queued + 4 x 320 = 1920 <= 2048; the fifth would make 2240.
+    assert [a.request_id for a in bound] == ["q0", "q1", "q2", "q3"]
+    # Without a reported step budget only the count rule (max_replica_waiting=1) applies: nothing binds.
+    s2 = Scheduler()
+    Cluster(s2, replicas=("r0",)).report("r0", load(running=2, waiting=2, max_seqs=64, tokens=640))
+    s2.submit(rr("q0", n=320), now=0.0)
+    assert s2.poll_assignments(now=0.0) == []
 
 
 def test_nothing_binds_while_no_replica_has_room_then_binds_on_capacity():
