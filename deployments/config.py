@@ -41,9 +41,8 @@ REPLICA_NAME = "ModelReplica"
 #   of the app (controller 0.04 + GCS 0.02 cores of 2; at 0.25 s 0.02 and
 #   0.012, at 0.5 s 0.015 and 0.009). Every core-second they take lands
 #   mid-step on the model's two OpenMP threads, which then wait for each
-#   other: a lone 128-token
-#   prefill took 104-108 ms on a quiet machine, 124-128 ms beside an idle
-#   `shardline serve`. The loop only reconciles (replica starts and stops,
+#   other: a lone 128-token prefill took 104-108 ms on a quiet machine,
+#   124-128 ms beside an idle `shardline serve`. The loop only reconciles (replica starts and stops,
 #   autoscaling decisions, already delayed by seconds), so a quarter second
 #   costs no request anything.
 # REPLICA_ENV adds two more of that mode's settings, for the app's replicas
