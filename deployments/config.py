@@ -42,9 +42,9 @@ REPLICA_NAME = "ModelReplica"
 #   0.012, at 0.5 s 0.015 and 0.009). Every core-second they take lands
 #   mid-step on the model's two OpenMP threads, which then wait for each
 #   other: a lone 128-token prefill took 104-108 ms on a quiet machine,
-#   124-128 ms beside an idle `shardline serve`. The loop only reconciles (replica starts and stops,
-#   autoscaling decisions, already delayed by seconds), so a quarter second
-#   costs no request anything.
+#   124-128 ms beside an idle `shardline serve`. The loop only reconciles
+#   (replica starts and stops, autoscaling decisions, already delayed by
+#   seconds), so a quarter second costs no request anything.
 # REPLICA_ENV adds two more of that mode's settings, for the app's replicas
 # only (their runtime_env): a replica runs our code on its own event loop, not
 # on a second thread's loop, and a handle's router shares its caller's loop.
