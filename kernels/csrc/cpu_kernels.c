@@ -595,13 +595,10 @@ DEFINE_PREFILL(paged_prefill_bf16, uint16_t, bf16)
 #define RMS_ROW_VECTOR(SFX, xt, res, weight, ot, rt, dim, eps)
 #endif
 
-// The row-wise kernels (RMSNorm, rotary, SiLU-and-mul) fork threads only past about 128k
-// elements: at decode sizes (64 rows) starting and joining the team cost more than the
-// work, and a whole-stack decode step ran some 120 of these regions.
 #define DEFINE_RMS_NORM(NAME, ELEM, LOAD, STORE, SFX)                                                   \
     void NAME(const ELEM* x, const ELEM* residual, const ELEM* weight, ELEM* out, ELEM* residual_out,  \
               int num_tokens, int dim, float eps, int num_threads) {                                    \
-        _Pragma("omp parallel for num_threads(num_threads) if((long)num_tokens * dim > (1L << 17))")  \
+        _Pragma("omp parallel for num_threads(num_threads) if(num_tokens > 16)")                        \
         for (int t = 0; t < num_tokens; t++) {                                                          \
             const ELEM* xt = x + (long)t * dim;                                                         \
             ELEM* ot = out + (long)t * dim;                                                             \
@@ -651,7 +648,7 @@ DEFINE_RMS_NORM(rms_norm_bf16, uint16_t, bf16_to_f32, f32_to_bf16, bf16)
     void NAME(const ELEM* q, const ELEM* k, const int64_t* positions, const float* cos_sin, ELEM* q_out, \
               ELEM* k_out, int num_tokens, int num_heads, int num_kv_heads, int head_dim, long q_stride, \
               long k_stride, int num_threads) {                                                         \
-        _Pragma("omp parallel for num_threads(num_threads) if((long)num_tokens * (num_heads + num_kv_heads) * head_dim > (1L << 17))")\
+        _Pragma("omp parallel for num_threads(num_threads) if(num_tokens > 16)")                        \
         for (int t = 0; t < num_tokens; t++) {                                                          \
             const float* cs = cos_sin + positions[t] * head_dim;                                        \
             NAME##_heads(q + t * q_stride, q_out + (long)t * num_heads * head_dim, num_heads, head_dim, cs); \
@@ -682,7 +679,7 @@ DEFINE_ROTARY(rotary_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
 
 #define DEFINE_SILU_AND_MUL(NAME, ELEM, LOAD, STORE, SFX)                                               \
     void NAME(const ELEM* x, ELEM* out, int num_tokens, int dim, int num_threads) {                     \
-        _Pragma("omp parallel for num_threads(num_threads) if((long)num_tokens * dim > (1L << 18))")     \
+        _Pragma("omp parallel for num_threads(num_threads) if((long)num_tokens * dim > 65536)")         \
         for (int t = 0; t < num_tokens; t++) {                                                          \
             const ELEM* gate = x + (long)t * 2 * dim;                                                   \
             const ELEM* up = gate + dim;                                                                \
