@@ -49,6 +49,7 @@ from cluster.placement import (
     RouteRequest,
     StartLimits,
     blocks_needed,
+    has_slot,
     make_policy,
     start_columns,
 )
@@ -314,17 +315,10 @@ class Scheduler:
         if not eligible.any():
             return []
         uses_kv = self.policy.uses_kv
-        wait_cap = self.config.interactive_limits.max_replica_waiting
-
-        def free_slot(rows):
-            """Whether a row may start some request (`has_slot` for the smallest prompt)."""
-            short_queue = (table.num_waiting[rows] <= wait_cap) | (
-                table.num_tokens_in_flight[rows] < table.max_step_tokens[rows]
-            )
-            return (table.active[rows] < table.max_num_seqs[rows]) & short_queue
-
-        # Rows with a free batch slot; kept current as requests bind (dispatch stops when none is left).
-        room = eligible & free_slot(slice(None))
+        # Rows that could start some request (a one-token prompt, no utilisation ceiling): kept
+        # current as requests bind, and dispatch stops when none is left.
+        any_request = StartLimits(max_replica_waiting=self.config.interactive_limits.max_replica_waiting)
+        room = eligible & has_slot(table, 1, any_request)
         out: list[Assignment] = []
 
         def try_place(item: QueuedRequest) -> str | None:
@@ -347,7 +341,7 @@ class Scheduler:
                 tokens=req.num_prompt_tokens - num_cached * req.block_size,
             )
             self._bind(binding)
-            room[row] = free_slot(row)
+            room[row] = has_slot(table.load(row), 1, any_request)
             self.policy.on_placed(req, rid)
             out.append(
                 Assignment(req.request_id, rid, req.tenant_id, num_cached * req.block_size, now - item.arrival)
