@@ -26,6 +26,7 @@ from ray.serve.config import RequestRouterConfig
 
 from cluster.scheduler_actor import DEFAULT_NAMESPACE, scheduler_name
 from deployments.config import INGRESS_NAME, REPLICA_ENV, REPLICA_NAME, ServeConfig
+from deployments.http_listener import HttpListener
 from deployments.ingress import Gate, build_openai_app
 from deployments.metrics import RayReplicaMetrics
 from deployments.replica import ModelReplica
@@ -37,6 +38,8 @@ from deployments.step_stream import StepStreams
 from deployments.tensor_parallel import rank_bundles
 
 SCHEDULED_ROUTER = "deployments.serve_router:ScheduledRequestRouter"
+# A resource only the head node has (ray._common.constants.HEAD_NODE_RESOURCE_NAME).
+HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 
 class ServeModelReplica(ModelReplica):
@@ -114,9 +117,18 @@ class OpenAIIngress:
         )  # fmt: skip
         service = OpenAIService(config, Tokenizer(resolve_model(config.model)), self.router, tenants)
         self._app = build_openai_app(service, self.gate, config)
+        self.listener = None
+        if config.http_port is not None:
+            self.listener = HttpListener(self._app, config.http_host, config.http_port)
+            self.listener.start()  # Serve runs the constructor on the replica's event loop
 
     def __serve_build_asgi_app__(self):
         return self._app
+
+    async def __del__(self) -> None:
+        listener = getattr(self, "listener", None)
+        if listener is not None:
+            await listener.stop()
 
     def drain(self) -> int:
         """Refuse new requests from now on (503); returns the number still in flight."""
@@ -182,9 +194,18 @@ def build_app(config: ServeConfig) -> Application:
         # The ingress only parses and forwards: admission happens at the replicas.
         max_ongoing_requests=100_000,
         graceful_shutdown_timeout_s=config.graceful_shutdown_s,
-        ray_actor_options={"num_cpus": 0, "runtime_env": env},
+        ray_actor_options=ingress_actor_options(config, env),
     )
     return ingress.bind(config, replica.bind(config))
+
+
+def ingress_actor_options(config: ServeConfig, runtime_env: dict[str, Any]) -> dict[str, Any]:
+    """Ray options of an ingress replica: no CPU reserved (it only parses and forwards); with its own
+    HTTP listener (http_port), on the head node, where Serve's proxy would have listened."""
+    options: dict[str, Any] = {"num_cpus": 0, "runtime_env": runtime_env}
+    if config.http_port is not None:
+        options["resources"] = {HEAD_NODE_RESOURCE: 0.001}
+    return options
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -152,6 +152,14 @@ class ServeConfig(BaseModel):
         "message (deployments/step_stream.py), instead of one message per token per request.",
     )
 
+    # ---- the HTTP edge --------------------------------------------------------
+    http_port: Optional[int] = Field(
+        None, ge=1, le=65535,
+        description="When set, the ingress replicas answer HTTP on http_host:http_port themselves, on the head node "
+        "(deployments/http_listener.py), instead of behind Serve's HTTP proxy; `shardline serve` sets it to --port.",
+    )
+    http_host: str = Field("127.0.0.1", description="Bind address of the ingress replicas' own HTTP listener (http_port).")
+
     # ---- routing (the head-node scheduler, cluster/) -------------------------
     routing: str = Field(
         "kv_aware",

@@ -86,17 +86,23 @@ def start_ray(config: ServeConfig, options: ServerOptions) -> tuple[bool, Option
 
 
 def deploy(config: ServeConfig, options: ServerOptions) -> None:
-    """Start Serve's HTTP proxy on host:port and run the app (blocks until it is RUNNING)."""
+    """Run the app with its ingress replicas listening on host:port (blocks until it is RUNNING).
+
+    The ingress answers HTTP itself (deployments/http_listener.py); Serve
+    starts without its HTTP proxy, which would only add a hop. Joining a
+    cluster whose Serve already runs, that Serve is left as it is.
+    """
     from ray import serve
 
     from deployments.app import build_app
 
-    serve.start(http_options={"host": options.host, "port": options.port})
+    serve.start(proxy_location="Disabled")
+    config = config.model_copy(update={"http_host": options.host, "http_port": options.port})
     serve.run(build_app(config), name=options.app_name, route_prefix="/", blocking=False)
 
 
 def wait_healthy(base_url: str, timeout_s: float = 60.0) -> None:
-    """Poll GET /health until the proxy routes to the app."""
+    """Poll GET /health until the app answers."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:

@@ -1,9 +1,11 @@
-"""End to end: a real local Ray cluster (bound to 127.0.0.1), Serve's HTTP proxy, the real
-`openai` client and raw httpx. One cluster and three apps for the whole module:
+"""End to end: a real local Ray cluster (bound to 127.0.0.1), the real `openai` client and
+raw httpx. One cluster and three apps for the whole module:
 
-    /        "shardline": the tiny random model (most tests)
-    /tight   SmolLM2 with one running slot, one queue slot, a 2 s timeout (429, 408)
-    /smol    SmolLM2-135M-Instruct, the real model (a chat that knows Paris)
+    "shardline"  the tiny random model (most tests), on its ingress's own HTTP listener
+                 (http_port, as `shardline serve` runs it)
+    /tight       SmolLM2 with one running slot, one queue slot, a 2 s timeout (429, 408),
+    /smol        SmolLM2-135M-Instruct, the real model (a chat that knows Paris): both
+                 behind Serve's HTTP proxy, as `serve run serve.yaml` runs them
 """
 
 from __future__ import annotations
@@ -48,15 +50,19 @@ def server(tmp_path_factory):
     tiny = make_model(tmp_path_factory.mktemp("serve-tiny"))
     env = dict(SERVE_ENV, RAY_metrics_report_interval_ms="1000")  # inherited by the raylet's workers
     metrics_port = free_port()
+    direct_port = free_port()
     with local_serve(num_cpus=8, env=env, _metrics_export_port=metrics_port) as port:
         configs = {
-            "shardline": ServeConfig(model=str(tiny), served_model_name="tiny", **MAIN),
+            "shardline": ServeConfig(model=str(tiny), served_model_name="tiny", http_port=direct_port, **MAIN),
             "tight": ServeConfig(model="smollm2-135m", **TIGHT),
             "smol": ServeConfig(model="smollm2-135m", max_model_len=2048, num_kv_blocks=256),
         }
         prefixes = {"shardline": "/", "tight": "/tight", "smol": "/smol"}
         serve.run_many([RunTarget(build_app(c), name=n, route_prefix=prefixes[n]) for n, c in configs.items()])
-        yield {"base": f"http://127.0.0.1:{port}", "tiny": tiny, "configs": configs, "metrics_port": metrics_port}
+        yield {
+            "base": f"http://127.0.0.1:{direct_port}", "proxy": f"http://127.0.0.1:{port}",
+            "tiny": tiny, "configs": configs, "metrics_port": metrics_port,
+        }  # fmt: skip
 
 
 def replica_stats(app: str) -> list[dict]:
@@ -65,12 +71,17 @@ def replica_stats(app: str) -> list[dict]:
     return list(serve.get_deployment_handle(REPLICA_NAME, app).broadcast("stats").results(timeout_s=10))
 
 
+def base_url(server, prefix: str = "") -> str:
+    """The main app on its own listener; a prefixed app behind Serve's proxy."""
+    return f"{server['proxy']}{prefix}" if prefix else server["base"]
+
+
 def client(server, prefix: str = "") -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server['base']}{prefix}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=f"{base_url(server, prefix)}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def aclient(server, prefix: str = "") -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{server['base']}{prefix}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.AsyncOpenAI(base_url=f"{base_url(server, prefix)}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def sse_payloads(lines) -> list:
@@ -320,7 +331,7 @@ def global_queue(app: str) -> int:
 def test_queue_full_is_429_and_slow_requests_time_out(server):
     """The second request waits in the scheduler's global queue (its limit: one per replica), the
     third is refused; the waiting one leaves the queue at its deadline without reaching the replica."""
-    url = f"{server['base']}/tight/v1/completions"
+    url = f"{base_url(server, '/tight')}/v1/completions"
     aborted_before = replica_stats("tight")[0]["num_aborted"]
 
     async def main():

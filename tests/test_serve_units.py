@@ -387,6 +387,69 @@ def scripted_app(model_dir, events, delay_s=0.0, timeout_s=None):
     return build_openai_app(OpenAIService(config, Tokenizer(model_dir), ScriptedBackend(events, delay_s)), Gate(), config), config
 
 
+def test_ingress_listeners_share_one_port_and_stream(model_dir):
+    """Two ingress listeners on one port (SO_REUSEPORT) both answer, streams included; a port held by
+    another program is a clear error; stopped, the port is free again."""
+    import socket
+
+    from deployments.http_listener import HttpListener
+    from deployments.server import free_port
+
+    events = [Admitted(3), Delta([ChoiceDelta(0, "Hel", [1])]), Delta([ChoiceDelta(0, "lo", [2], None, "stop")], 0, True)]
+    port = free_port()
+
+    class Counting(ScriptedBackend):
+        calls = 0
+
+        async def generate(self, request):
+            self.calls += 1
+            async for event in super().generate(request):
+                yield event
+
+    config = ServeConfig(model=str(model_dir))
+    backends = [Counting(events), Counting(events)]
+
+    async def run() -> None:
+        apps = [build_openai_app(OpenAIService(config, Tokenizer(model_dir), b), Gate(), config) for b in backends]
+        listeners = [HttpListener(app, "127.0.0.1", port) for app in apps]
+        for listener in listeners:
+            listener.start()
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+                for _ in range(40):  # fresh connections: the kernel spreads them over both sockets
+                    r = await c.post("/v1/completions", json={"model": model_dir.name, "prompt": "x", "stream": True},
+                                     headers={"connection": "close"})  # fmt: skip
+                    payloads = sse_payloads(r.text)
+                    assert r.status_code == 200 and payloads[-1] == "[DONE]"
+                    assert "".join(p["choices"][0]["text"] for p in payloads[:-1]) == "Hello"
+            assert all(listener.serving for listener in listeners)
+            assert sum(b.calls for b in backends) == 40 and min(b.calls for b in backends) > 0
+        finally:
+            for listener in listeners:
+                await listener.stop()
+        assert not any(listener.serving for listener in listeners)
+
+    asyncio.run(run())
+    with socket.socket() as s:
+        # Free again after stop: no listener holds it (SO_REUSEADDR only passes the closed connections' TIME_WAIT).
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        with pytest.raises(OSError, match=f"cannot serve HTTP on 127.0.0.1:{port}"):
+            HttpListener(build_openai_app(OpenAIService(config, Tokenizer(model_dir), Counting(events)), Gate(), config), "127.0.0.1", port)
+
+
+def test_an_ingress_with_its_own_listener_runs_on_the_head_node():
+    from deployments.app import HEAD_NODE_RESOURCE, ingress_actor_options
+
+    assert "resources" not in ingress_actor_options(ServeConfig(), {})  # behind Serve's proxy: anywhere
+    options = ingress_actor_options(ServeConfig(http_port=8000), {})
+    assert options["num_cpus"] == 0 and options["resources"] == {HEAD_NODE_RESOURCE: 0.001}
+    from ray._common.constants import HEAD_NODE_RESOURCE_NAME
+
+    assert HEAD_NODE_RESOURCE == HEAD_NODE_RESOURCE_NAME
+
+
 @pytest.mark.parametrize("failure", [Failed("engine error: boom"), RuntimeError("replica died")])
 def test_engine_error_mid_stream_sends_error_event_then_done(model_dir, failure):
     events = [Admitted(3), Delta([ChoiceDelta(0, "Hel", [1])]), failure]
