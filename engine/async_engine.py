@@ -177,14 +177,18 @@ class AsyncLLMEngine:
                 self._publish_stats()
                 continue
             try:
-                outputs = self.engine.step(on_scheduled=self._publish_stats)
+                outputs = self.engine.step(on_scheduled=self._publish_stats, on_first_tokens=self._deliver_outputs)
             except BaseException as e:  # a model error must not hang the requests in flight
                 self._fail_all(e)
                 continue
-            self._kv_events.extend(self.engine.take_kv_events())
-            self._publish_stats()
-            self._deliver((out.request_id, out, out.finished) for out in outputs)
+            self._deliver_outputs(outputs)
         self._fail_all(EngineDeadError("engine shut down"))
+
+    def _deliver_outputs(self, outputs: list[RequestOutput]) -> None:
+        """After a step (or its first pass): KV events and load first, so a report never lags the outputs."""
+        self._kv_events.extend(self.engine.take_kv_events())
+        self._publish_stats()
+        self._deliver((out.request_id, out, out.finished) for out in outputs)
 
     def _publish_stats(self) -> None:
         self._stats = self.engine.stats()

@@ -30,7 +30,7 @@ from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from engine.weights import build_model
 
@@ -317,7 +317,12 @@ class LLMEngine:
 
     # ---- the step ----------------------------------------------------------
 
-    def step(self, final_only: bool = False, on_scheduled: Callable[[], None] | None = None) -> list[RequestOutput]:
+    def step(
+        self,
+        final_only: bool = False,
+        on_scheduled: Callable[[], None] | None = None,
+        on_first_tokens: Callable[[list[RequestOutput]], None] | None = None,
+    ) -> list[RequestOutput]:
         """Run one iteration; return the outputs of every request that progressed.
 
         With `final_only`, only finished requests get an output (the offline
@@ -325,10 +330,42 @@ class LLMEngine:
         `on_scheduled` runs after the step's batch is chosen and before the
         model runs: the async engine publishes its load there, so a request
         whose long prefill is running counts as running, not waiting.
+        With `on_first_tokens`, a step that mixes prefills with decodes runs
+        as two passes where that is faster (`split_for_first_tokens`): the
+        prefill chunks first, whose outputs go to `on_first_tokens` at once,
+        then the decodes, whose outputs this returns.
         """
         sched = self.scheduler.schedule()
         if on_scheduled is not None:
             on_scheduled()
+        parts = self.split_for_first_tokens(sched) if on_first_tokens is not None else [sched]
+        for part in parts[:-1]:
+            on_first_tokens(self._run_part(part, final_only))
+        return self._run_part(parts[-1], final_only)
+
+    def split_for_first_tokens(self, sched: SchedulerOutput) -> list[SchedulerOutput]:
+        """`sched` as [prefill chunks, decodes] when both are there and decodes have the whole-stack kernel.
+
+        On the CPU a mixed step runs every row through the per-layer torch path,
+        while a decode-only batch runs in one native call (engine/model.py). Two
+        passes cost about what one mixed pass does (the weights are read twice,
+        the decode rows take the faster path), and the new requests' first
+        tokens are out after the first pass instead of the whole step. SmolLM2
+        bf16, a 128-token prompt beside 32 / 56 decodes: one pass 112 / 133 ms;
+        two passes 117 / 135 ms, the first tokens out after 84 / 82 ms (fp32:
+        255 / 276 ms; 260 / 281 ms, first tokens after 186 / 173 ms).
+        """
+        if not self.runner.fused_decode_available:
+            return [sched]
+        prefills = [s for s in sched.scheduled if s.num_new_tokens > 1]
+        decodes = [s for s in sched.scheduled if s.num_new_tokens == 1]
+        if not prefills or not decodes:
+            return [sched]
+        first = SchedulerOutput(prefills, sum(s.num_new_tokens for s in prefills), sched.preempted_ids)
+        return [first, SchedulerOutput(decodes, len(decodes))]
+
+    def _run_part(self, sched: SchedulerOutput, final_only: bool) -> list[RequestOutput]:
+        """Execute one batch (possibly empty), apply its tokens, and build the outputs it changed."""
         touched: dict[str, _RequestState] = {}
         if not sched.is_empty:
             step_start = time.time()

@@ -96,6 +96,11 @@ class Transformer(nn.Module):
         self.fused_decode = True
         self._decode_stack: kernels.DecodeStack | None = None
 
+    @property
+    def decodes_natively(self) -> bool:
+        """Whether a decode-only batch runs as one whole-stack kernel call (see `forward`)."""
+        return self.fused_decode and kernels.fused_decode_supported(self.rope_cache.device, self.norm.weight.dtype)
+
     def setup_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
         """Allocate each layer's paged K and V tensors: [num_blocks, block_size, kv_heads, head_dim]."""
         device = self.rope_cache.device
@@ -112,11 +117,7 @@ class Transformer(nn.Module):
         """input_ids, positions: [num_tokens]. Returns final hidden states [num_tokens, hidden]."""
         h = self.tok_embeddings(input_ids)
         num_tokens = input_ids.shape[0]
-        if (
-            self.fused_decode
-            and meta.num_decode_tokens == num_tokens
-            and kernels.fused_decode_supported(input_ids.device, self.norm.weight.dtype)
-        ):
+        if meta.num_decode_tokens == num_tokens and self.decodes_natively:
             # A decode step, of any batch size: the whole stack in one kernel call instead of
             # about ten per layer (SmolLM2 bf16, 64 sequences: about a tenth off the step).
             return kernels.decode_model(

@@ -66,6 +66,11 @@ class ModelRunner:
             self.model.setup_kv_cache(num_blocks, block_size, kv_dtype)
         self.sampler = Sampler(seed)
 
+    @property
+    def fused_decode_available(self) -> bool:
+        """Whether a decode-only step takes the model's whole-stack kernel (single process only)."""
+        return self.tp_group is None and self.model.decodes_natively
+
     def prepare(self, out: SchedulerOutput) -> ModelInput:
         """Pack the scheduled requests of one step into tensors."""
         sched = out.scheduled

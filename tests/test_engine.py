@@ -214,3 +214,46 @@ def test_warm_up_leaves_no_trace(model_dir):
     with pytest.raises(RuntimeError, match="before any request"):
         engine.add_request("r", {"prompt_token_ids": [1, 2, 3]})
         engine.warm_up()
+
+
+def test_a_mixed_step_runs_its_prefills_first_with_the_same_tokens(model_dir):
+    """With on_first_tokens, a step of prefills beside decodes hands the new requests' first tokens
+    over after the prefill pass, before the decodes run; every token equals the one-pass step's."""
+    from engine import EngineConfig, LLMEngine
+
+    def run(split: bool) -> tuple[dict[str, list[int]], list[list[tuple[str, int]]], bool]:
+        engine = LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=256, block_size=4, max_model_len=256))
+        prompts = mixed_prompts(6, seed=3)
+        early: list[list[tuple[str, int]]] = []  # (request, tokens so far) of each first pass
+        tokens: dict[str, list[int]] = {}
+
+        def keep(outputs) -> None:
+            for out in outputs:
+                tokens[out.request_id] = list(out.outputs[0].token_ids)
+
+        def first_pass(outputs) -> None:
+            early.append([(o.request_id, len(o.outputs[0].token_ids)) for o in outputs])
+            keep(outputs)
+
+        def step() -> None:
+            keep(engine.step(on_first_tokens=first_pass if split else None))
+
+        for i, p in enumerate(prompts[:3]):
+            engine.add_request(str(i), p, GREEDY)
+        step()  # three prefills, nothing decoding yet: one pass
+        step()
+        for i, p in enumerate(prompts[3:], start=3):
+            engine.add_request(str(i), p, GREEDY)  # they arrive while 0-2 decode: a mixed step
+        step()
+        while engine.has_unfinished_requests():
+            step()
+        return tokens, early, engine.runner.fused_decode_available
+
+    one_pass, none, _ = run(split=False)
+    two_pass, early, native = run(split=True)
+    assert two_pass == one_pass and none == []
+    assert all(len(t) == GREEDY.max_tokens for t in one_pass.values())
+    if native:
+        assert early == [[("3", 1), ("4", 1), ("5", 1)]]  # only the new requests, with their first token
+    else:
+        assert early == []  # without the whole-stack decode kernel a mixed step stays one pass
