@@ -63,6 +63,7 @@ class HttpListener:
 
     @property
     def serving(self) -> bool:
+        """Whether uvicorn is still running (it stops on `stop`, or on an error of its own)."""
         return self._task is not None and not self._task.done()
 
     async def stop(self) -> None:

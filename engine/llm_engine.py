@@ -330,10 +330,10 @@ class LLMEngine:
         `on_scheduled` runs after the step's batch is chosen and before the
         model runs: the async engine publishes its load there, so a request
         whose long prefill is running counts as running, not waiting.
-        With `on_first_tokens`, a step that mixes prefills with decodes runs
-        as two passes where that is faster (`split_for_first_tokens`): the
-        prefill chunks first, whose outputs go to `on_first_tokens` at once,
-        then the decodes, whose outputs this returns.
+        With `on_first_tokens`, a step that mixes prefills with decodes may run
+        as two passes (`split_for_first_tokens`): the prefill chunks first,
+        whose outputs go to `on_first_tokens` at once, then the decodes, whose
+        outputs this returns.
         """
         sched = self.scheduler.schedule()
         if on_scheduled is not None:
