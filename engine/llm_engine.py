@@ -339,9 +339,10 @@ class LLMEngine:
         if on_scheduled is not None:
             on_scheduled()
         parts = self.split_for_first_tokens(sched) if on_first_tokens is not None else [sched]
+        step_start = time.time()
         for part in parts[:-1]:
-            on_first_tokens(self._run_part(part, final_only))
-        return self._run_part(parts[-1], final_only)
+            on_first_tokens(self._run_part(part, final_only, step_start))
+        return self._run_part(parts[-1], final_only, step_start)
 
     def split_for_first_tokens(self, sched: SchedulerOutput) -> list[SchedulerOutput]:
         """`sched` as [prefill chunks, decodes] when both are there and decodes have the whole-stack kernel.
@@ -364,11 +365,11 @@ class LLMEngine:
         first = SchedulerOutput(prefills, sum(s.num_new_tokens for s in prefills), sched.preempted_ids)
         return [first, SchedulerOutput(decodes, len(decodes))]
 
-    def _run_part(self, sched: SchedulerOutput, final_only: bool) -> list[RequestOutput]:
-        """Execute one batch (possibly empty), apply its tokens, and build the outputs it changed."""
+    def _run_part(self, sched: SchedulerOutput, final_only: bool, step_start: float) -> list[RequestOutput]:
+        """Execute one batch of the step begun at `step_start` (possibly empty), apply its tokens, and
+        build the outputs it changed."""
         touched: dict[str, _RequestState] = {}
         if not sched.is_empty:
-            step_start = time.time()
             result = self.runner.execute(sched)
             updated = self.scheduler.update_from_output(sched, result.token_ids)
             now = time.time()
