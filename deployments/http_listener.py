@@ -50,7 +50,6 @@ class HttpListener:
     def __init__(self, app: Any, host: str, port: int):
         import uvicorn
 
-        self.host, self.port = host, port
         self._socket = reuseport_socket(host, port)
         # No lifespan (the ingress is built already), no access log (one line per request is CPU on the hot path).
         config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False, timeout_keep_alive=30)
