@@ -240,43 +240,63 @@ def run_throughput(spec: dict[str, Any]) -> dict[str, Any]:
         }
         save(result, spec.get("out_file"))
     if spec.get("decode_probe"):
-        result["decode_b1"] = decode_probe(runner, label, plen, ntok, vocab, spec.get("decode_repeats", 3))
+        result["decode_b1"] = decode_probe(runner, label, plen, ntok, vocab, spec.get("decode_repeats", 3), spec.get("bandwidth_mb"))
     if hasattr(runner, "close"):
         runner.close()
     return result
 
 
-def decode_probe(runner, label: str, plen: int, ntok: int, vocab: int, repeats: int) -> dict[str, Any]:
-    """Batch-1 decode tokens/s with the prefill taken out: time(1 + ntok) - time(1), best of each."""
-    t_first, t_full = [], []
+def decode_probe(runner, label: str, plen: int, ntok: int, vocab: int, repeats: int, bandwidth_mb: float | None = None) -> dict[str, Any]:
+    """Batch-1 decode tokens/s with the prefill taken out: time(1 + ntok) - time(1), best of each.
+
+    With bandwidth_mb, the memory bandwidth is measured between the repeats too
+    (a copy of that size before each and after the last): on a shared machine it
+    moves by a quarter from one minute to the next, and a roofline fraction
+    should divide by the bandwidth of the minute the decode ran in.
+    """
+    t_first, t_full, copies = [], [], []
     for k in range(repeats):
+        if bandwidth_mb:
+            copies += copy_bandwidth(bandwidth_mb, 2)
         for n, acc in ((1, t_first), (ntok + 1, t_full)):
             p = make_prompts(f"decode/{n}/{plen}/{k}", 1, plen, vocab)
             t = time.perf_counter()
             runner.generate(p, n)
             acc.append(time.perf_counter() - t)
+    if bandwidth_mb:
+        copies += copy_bandwidth(bandwidth_mb, 2)
     decode_s = min(t_full) - min(t_first)
     tok_s = ntok / decode_s if decode_s > 0 else None
-    log(f"  {label} batch-1 decode only: {tok_s or float('nan'):8.1f} tok/s  (prefill + first token {min(t_first) * 1e3:.0f} ms)")
-    return {"tok_s": tok_s, "decode_tokens": ntok, "first_token_s": t_first, "full_s": t_full}
+    adjacent = max(copies) if copies else None
+    log(
+        f"  {label} batch-1 decode only: {tok_s or float('nan'):8.1f} tok/s  (prefill + first token {min(t_first) * 1e3:.0f} ms)"
+        + (f"; bandwidth beside it {adjacent:.1f} GB/s" if adjacent else "")
+    )
+    return {"tok_s": tok_s, "decode_tokens": ntok, "first_token_s": t_first, "full_s": t_full, "bandwidth_gb_s": adjacent, "bandwidth_runs_gb_s": copies}
+
+
+def copy_bandwidth(size_mb: float, repeats: int) -> list[float]:
+    """GB/s of copying a tensor of size_mb, bytes read + bytes written, one figure per copy."""
+    import torch
+
+    src = torch.ones(int(size_mb * 1e6) // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # touch every page first
+    runs = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        runs.append(2 * src.numel() * 4 / (time.perf_counter() - t) / 1e9)
+    return runs
 
 
 def run_bandwidth(spec: dict[str, Any]) -> dict[str, Any]:
     """Copy a large tensor (bytes read + bytes written) / time, best of several."""
     import torch
 
-    nbytes = int(spec["size_mb"] * 1e6)
-    src = torch.ones(nbytes // 4, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # touch every page first
-    runs = []
-    for _ in range(spec["repeats"]):
-        t = time.perf_counter()
-        dst.copy_(src)
-        dt = time.perf_counter() - t
-        runs.append(2 * src.numel() * 4 / dt / 1e9)
-    log(f"  memory bandwidth: best {max(runs):.1f} GB/s over {len(runs)} copies of {nbytes / 1e9:.2f} GB ({torch.get_num_threads()} threads)")
-    return {"gb_s": max(runs), "runs_gb_s": runs, "size_gb": nbytes / 1e9, "threads": torch.get_num_threads()}
+    runs = copy_bandwidth(spec["size_mb"], spec["repeats"])
+    log(f"  memory bandwidth: best {max(runs):.1f} GB/s over {len(runs)} copies of {spec['size_mb'] / 1e3:.2f} GB ({torch.get_num_threads()} threads)")
+    return {"gb_s": max(runs), "runs_gb_s": runs, "size_gb": spec["size_mb"] / 1e3, "threads": torch.get_num_threads()}
 
 
 # ---- serving -----------------------------------------------------------------------

@@ -47,6 +47,11 @@ def test_engine_throughput_quick_tiny(tmp_path):
     roof = report["roofline"]["tiny"]["bf16"]
     assert report["machine"]["bandwidth_gb_s"] > 0
     assert roof["roofline_tok_s"] > 0 and 0 < roof["shardline_fraction"]
+    # the headline fraction divides by the bandwidth copied beside the decode probe
+    beside = roof["shardline_bandwidth_gb_s"]
+    assert beside > 0
+    assert roof["shardline_fraction"] == pytest.approx(roof["shardline_decode_tok_s"] * roof["weight_bytes_per_token"] / (beside * 1e9))
+    assert roof["shardline_fraction_run_max"] == pytest.approx(roof["shardline_decode_tok_s"] / roof["roofline_tok_s"])
     assert len(report["machine"]["loadavg_start"]) == 3 and len(report["machine"]["loadavg_end"]) == 3
     serving = report["serving"]
     for mode in ("shardline_continuous", "shardline_static"):
