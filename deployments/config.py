@@ -95,6 +95,12 @@ class ServeConfig(BaseModel):
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
     seed: Optional[int] = Field(0, description="Seed of unseeded sampling in each replica.")
     max_n: int = Field(16, ge=1, le=1024, description="Largest `n` (completions per prompt) a request may ask for.")
+    first_token_pass_tokens: int = Field(
+        512,
+        ge=0,
+        description="A step's new prompts run in passes of about this many tokens, each handing out its requests' "
+        "first tokens as it ends (0: the whole step's prefills in one pass).",
+    )
     max_logprobs: int = Field(20, ge=0, description="Largest `logprobs` / `top_logprobs` a request may ask for.")
     torch_threads: Optional[int] = Field(
         None, ge=1, description="torch threads per replica (and per tensor-parallel rank); default: its CPU reservation."
@@ -306,6 +312,7 @@ class ServeConfig(BaseModel):
             enable_prefix_caching=self.enable_prefix_caching,
             seed=self.seed,
             max_n=self.max_n,
+            first_token_pass_tokens=self.first_token_pass_tokens,
             tensor_parallel_size=self.tensor_parallel_size,
         )
 

@@ -30,7 +30,7 @@ from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, SchedulerOutput
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from engine.weights import build_model
 
@@ -51,6 +51,9 @@ class EngineConfig:
         num_kv_blocks: KV cache size in blocks; default from kv_cache_memory_gb.
         kv_cache_memory_gb: KV cache budget when num_kv_blocks is not given.
         max_n: the largest `n` a request may ask for.
+        first_token_pass_tokens: in the async engine, a step's prefill chunks run
+            in passes of about this many tokens (whole requests; 0: one pass), each
+            handing its new requests their first tokens as it ends.
     """
 
     model: str
@@ -65,6 +68,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     seed: int | None = 0
     max_n: int = 16
+    first_token_pass_tokens: int = 512
     skip_tokenizer_init: bool = False
     # Ranks the model is split over (rank 0 in this process, the others started by a launcher).
     tensor_parallel_size: int = 1
@@ -74,6 +78,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.first_token_pass_tokens < 0:
+            raise ValueError(f"first_token_pass_tokens must be >= 0, got {self.first_token_pass_tokens}")
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, num_kv_heads: int | None = None) -> int:
@@ -330,10 +336,10 @@ class LLMEngine:
         `on_scheduled` runs after the step's batch is chosen and before the
         model runs: the async engine publishes its load there, so a request
         whose long prefill is running counts as running, not waiting.
-        With `on_first_tokens`, a step that mixes prefills with decodes may run
-        as two passes (`split_for_first_tokens`): the prefill chunks first,
-        whose outputs go to `on_first_tokens` at once, then the decodes, whose
-        outputs this returns.
+        With `on_first_tokens`, the step may run as several passes
+        (`split_for_first_tokens`): its prefill chunks first, in groups, each
+        group's outputs (the new requests' first tokens) going to
+        `on_first_tokens` as it ends, then the decodes, whose outputs this returns.
         """
         sched = self.scheduler.schedule()
         if on_scheduled is not None:
@@ -345,25 +351,42 @@ class LLMEngine:
         return self._run_part(parts[-1], final_only, step_start)
 
     def split_for_first_tokens(self, sched: SchedulerOutput) -> list[SchedulerOutput]:
-        """`sched` as [prefill chunks, decodes] when both are there and decodes have the whole-stack kernel.
+        """`sched` as passes that hand out first tokens early: prefill groups, then decodes.
 
-        On the CPU a mixed step runs every row through the per-layer torch path,
-        while a decode-only batch runs in one native call (engine/model.py). Two
-        passes cost about what one mixed pass does (the weights are read twice,
-        the decode rows take the faster path), and the new requests' first
-        tokens are out after the first pass instead of the whole step. SmolLM2
-        bf16, a 128-token prompt beside 32 / 56 decodes: one pass 112 / 133 ms;
-        two passes 117 / 135 ms, the first tokens out after 84 / 82 ms (fp32:
-        255 / 276 ms; 260 / 281 ms, first tokens after 186 / 173 ms).
+        Prefill chunks go in groups of whole requests of about
+        `first_token_pass_tokens`: a prefill is compute bound, so a group costs
+        its share of the step (the packed matmul streams the weights once per
+        256 rows anyway) and its requests' first tokens are out when it ends,
+        not when the whole step does. With 16 new 128-token prompts in a
+        2048-token step (SmolLM2 bf16, 1.3 s), the first four have their tokens
+        after a quarter of it.
+        Decodes run last, as a pass of their own where they have the
+        whole-stack kernel (on the CPU a mixed pass runs every row through the
+        per-layer torch path; a 128-token prompt beside 32 / 56 decodes: one
+        pass 112 / 133 ms, two 117 / 135 ms with the first token out after
+        84 / 82 ms), else in the last prefill group's pass.
         """
-        if not self.runner.fused_decode_available:
-            return [sched]
         prefills = [s for s in sched.scheduled if s.num_new_tokens > 1]
         decodes = [s for s in sched.scheduled if s.num_new_tokens == 1]
-        if not prefills or not decodes:
+        limit = self.config.first_token_pass_tokens
+        groups: list[list[ScheduledRequest]] = []
+        tokens = 0
+        for s in prefills:
+            if not groups or (limit and tokens + s.num_new_tokens > limit):
+                groups.append([])
+                tokens = 0
+            groups[-1].append(s)
+            tokens += s.num_new_tokens
+        if decodes:
+            if groups and not self.runner.fused_decode_available:
+                groups[-1] += decodes
+            else:
+                groups.append(decodes)
+        if len(groups) < 2:
             return [sched]
-        first = SchedulerOutput(prefills, sum(s.num_new_tokens for s in prefills), sched.preempted_ids)
-        return [first, SchedulerOutput(decodes, len(decodes))]
+        parts = [SchedulerOutput(g, sum(s.num_new_tokens for s in g)) for g in groups]
+        parts[0].preempted_ids = sched.preempted_ids
+        return parts
 
     def _run_part(self, sched: SchedulerOutput, final_only: bool, step_start: float) -> list[RequestOutput]:
         """Execute one batch of the step begun at `step_start` (possibly empty), apply its tokens, and

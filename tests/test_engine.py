@@ -257,3 +257,46 @@ def test_a_mixed_step_runs_its_prefills_first_with_the_same_tokens(model_dir):
         assert early == [[("3", 1), ("4", 1), ("5", 1)]]  # only the new requests, with their first token
     else:
         assert early == []  # without the whole-stack decode kernel a mixed step stays one pass
+
+
+def test_prefills_run_in_groups_each_handing_out_its_first_tokens(model_dir):
+    """With first_token_pass_tokens, a step's new prompts run in groups of about that many tokens;
+    each group's requests get their first token when their pass ends, and every token equals the
+    one-pass step's."""
+    from engine import EngineConfig, LLMEngine
+
+    rng = random.Random(7)
+    prompts = [{"prompt_token_ids": [rng.randrange(3, 512) for _ in range(30)]} for _ in range(4)]
+
+    def run(pass_tokens: int) -> tuple[dict[str, list[int]], list[list[tuple[str, int]]], list[tuple[str, int]]]:
+        engine = LLMEngine(
+            EngineConfig(model=str(model_dir), num_kv_blocks=256, block_size=4, max_model_len=256, first_token_pass_tokens=pass_tokens)
+        )
+        early: list[list[tuple[str, int]]] = []
+        tokens: dict[str, list[int]] = {}
+
+        def keep(outputs) -> None:
+            for out in outputs:
+                tokens[out.request_id] = list(out.outputs[0].token_ids)
+
+        def first_pass(outputs) -> None:
+            early.append([(o.request_id, len(o.outputs[0].token_ids)) for o in outputs])
+            keep(outputs)
+
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, GREEDY)
+        last = engine.step(on_first_tokens=first_pass)  # four 30-token prompts, one step
+        keep(last)
+        returned = [(o.request_id, len(o.outputs[0].token_ids)) for o in last]
+        while engine.has_unfinished_requests():
+            keep(engine.step(on_first_tokens=first_pass))
+        return tokens, early, returned
+
+    whole, none, all_four = run(0)
+    assert none == [] and sorted(all_four) == [(str(i), 1) for i in range(4)]
+    grouped, early, last = run(40)  # 30 + 30 > 40: each prompt is a group of its own
+    assert grouped == whole
+    assert all(len(t) == GREEDY.max_tokens for t in whole.values())
+    assert early[:3] == [[("0", 1)], [("1", 1)], [("2", 1)]] and last == [("3", 1)]
+    pair, early2, last2 = run(60)  # two prompts a pass
+    assert pair == whole and early2[0] == [("0", 1), ("1", 1)] and last2 == [("2", 1), ("3", 1)]
