@@ -216,6 +216,23 @@ def test_warm_up_leaves_no_trace(model_dir):
         engine.warm_up()
 
 
+class PassRecorder:
+    """A step's outputs as they come: every request's tokens so far, and the
+    (request, tokens so far) of each early pass handed to on_first_tokens."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, list[int]] = {}
+        self.early: list[list[tuple[str, int]]] = []
+
+    def keep(self, outputs) -> None:
+        for out in outputs:
+            self.tokens[out.request_id] = list(out.outputs[0].token_ids)
+
+    def first_pass(self, outputs) -> None:
+        self.early.append([(o.request_id, len(o.outputs[0].token_ids)) for o in outputs])
+        self.keep(outputs)
+
+
 def test_a_mixed_step_runs_its_prefills_first_with_the_same_tokens(model_dir):
     """With on_first_tokens, a step of prefills beside decodes hands the new requests' first tokens
     over after the prefill pass, before the decodes run; every token equals the one-pass step's."""
@@ -224,19 +241,10 @@ def test_a_mixed_step_runs_its_prefills_first_with_the_same_tokens(model_dir):
     def run(split: bool) -> tuple[dict[str, list[int]], list[list[tuple[str, int]]], bool]:
         engine = LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=256, block_size=4, max_model_len=256))
         prompts = mixed_prompts(6, seed=3)
-        early: list[list[tuple[str, int]]] = []  # (request, tokens so far) of each first pass
-        tokens: dict[str, list[int]] = {}
-
-        def keep(outputs) -> None:
-            for out in outputs:
-                tokens[out.request_id] = list(out.outputs[0].token_ids)
-
-        def first_pass(outputs) -> None:
-            early.append([(o.request_id, len(o.outputs[0].token_ids)) for o in outputs])
-            keep(outputs)
+        rec = PassRecorder()
 
         def step() -> None:
-            keep(engine.step(on_first_tokens=first_pass if split else None))
+            rec.keep(engine.step(on_first_tokens=rec.first_pass if split else None))
 
         for i, p in enumerate(prompts[:3]):
             engine.add_request(str(i), p, GREEDY)
@@ -247,7 +255,7 @@ def test_a_mixed_step_runs_its_prefills_first_with_the_same_tokens(model_dir):
         step()
         while engine.has_unfinished_requests():
             step()
-        return tokens, early, engine.runner.fused_decode_available
+        return rec.tokens, rec.early, engine.runner.fused_decode_available
 
     one_pass, none, _ = run(split=False)
     two_pass, early, native = run(split=True)
@@ -272,25 +280,15 @@ def test_prefills_run_in_groups_each_handing_out_its_first_tokens(model_dir):
         engine = LLMEngine(
             EngineConfig(model=str(model_dir), num_kv_blocks=256, block_size=4, max_model_len=256, first_token_pass_tokens=pass_tokens)
         )
-        early: list[list[tuple[str, int]]] = []
-        tokens: dict[str, list[int]] = {}
-
-        def keep(outputs) -> None:
-            for out in outputs:
-                tokens[out.request_id] = list(out.outputs[0].token_ids)
-
-        def first_pass(outputs) -> None:
-            early.append([(o.request_id, len(o.outputs[0].token_ids)) for o in outputs])
-            keep(outputs)
-
+        rec = PassRecorder()
         for i, p in enumerate(prompts):
             engine.add_request(str(i), p, GREEDY)
-        last = engine.step(on_first_tokens=first_pass)  # four 30-token prompts, one step
-        keep(last)
+        last = engine.step(on_first_tokens=rec.first_pass)  # four 30-token prompts, one step
+        rec.keep(last)
         returned = [(o.request_id, len(o.outputs[0].token_ids)) for o in last]
         while engine.has_unfinished_requests():
-            keep(engine.step(on_first_tokens=first_pass))
-        return tokens, early, returned
+            rec.keep(engine.step(on_first_tokens=rec.first_pass))
+        return rec.tokens, rec.early, returned
 
     whole, none, all_four = run(0)
     assert none == [] and sorted(all_four) == [(str(i), 1) for i in range(4)]
