@@ -185,7 +185,7 @@ class AsyncLLMEngine:
         self._fail_all(EngineDeadError("engine shut down"))
 
     def _deliver_outputs(self, outputs: list[RequestOutput]) -> None:
-        """After a step (or its first pass): KV events and load first, so a report never lags the outputs."""
+        """After a step, or each of its early passes: KV events and load first, so a report never lags the outputs."""
         self._kv_events.extend(self.engine.take_kv_events())
         self._publish_stats()
         self._deliver((out.request_id, out, out.finished) for out in outputs)
