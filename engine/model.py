@@ -251,7 +251,7 @@ class FeedForward(nn.Module):
         self.w2 = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(kernels.silu_and_mul(self.w13(x)))
+        return self.w2(kernels.linear_silu_and_mul(x, self.w13.weight))
 
 
 class RMSNorm(nn.Module):

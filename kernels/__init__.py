@@ -61,6 +61,9 @@ register("linear", torch_impl=reference.linear, native_impl=cpu_native.linear)
 register("decode_layer", torch_impl=reference.decode_layer, native_impl=cpu_native.decode_layer)
 register("decode_model", torch_impl=reference.decode_model, native_impl=cpu_native.decode_model)
 register("silu_and_mul", torch_impl=reference.silu_and_mul, native_impl=cpu_native.silu_and_mul)
+register(
+    "linear_silu_and_mul", torch_impl=reference.linear_silu_and_mul, native_impl=cpu_native.linear_silu_and_mul
+)
 register("write_kv_cache", torch_impl=reference.write_kv_cache, native_impl=cpu_native.write_kv_cache)
 register(
     "dequant_matmul", torch_impl=quant.dequant_matmul, triton_impl=_lazy_triton("triton_quant", "dequant_matmul")
@@ -177,6 +180,12 @@ def silu_and_mul(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     return resolve("silu_and_mul", impl, x.device)(x)
 
 
+def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """silu(gate) * up of x through a fused [2 * d, K] gate/up weight (natively one pass, the
+    [..., 2 * d] product never written)."""
+    return resolve("linear_silu_and_mul", impl, x.device)(x, weight)
+
+
 def write_kv_cache(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -208,6 +217,7 @@ __all__ = [
     "DecodeLayerWeights",
     "DecodeStack",
     "silu_and_mul",
+    "linear_silu_and_mul",
     "write_kv_cache",
     "dequant_matmul",
 ]

@@ -78,6 +78,9 @@ def _build() -> ctypes.CDLL:
         fn = getattr(lib, f"linear_packed_{suffix}")
         fn.argtypes = [p] * 4 + [i] * 4
         fn.restype = ctypes.c_int
+        fn = getattr(lib, f"linear_silu_packed_{suffix}")
+        fn.argtypes = [p] * 3 + [i] * 4
+        fn.restype = ctypes.c_int
         fn = getattr(lib, f"pack_weight_{suffix}")
         fn.argtypes = [p, p, i, i, i]
         fn.restype = None
@@ -338,6 +341,7 @@ def write_kv_cache(
 # oneDNN with its own packed weight: 1 row 26 vs 12, 8 rows 146 vs 70, 32 rows
 # 269 vs 193, 128 rows 364 vs 350, 2048 rows 386 vs 411 (fp32: 15 vs 8, 101 vs
 # 57, 159 vs 144, 176 vs 199, 179 vs 188). One path for every M, one extra copy.
+PANEL = 64  # output columns per packed panel (kernels/csrc/cpu_kernels.c)
 _packed: dict[int, torch.Tensor] = {}
 _packed_ok: dict[torch.dtype, bool] = {}
 
@@ -386,30 +390,54 @@ def _has_packed(lib: ctypes.CDLL, dtype: torch.dtype) -> bool:
     return ok
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Same contract as F.linear, through the packed-weight native matmul where it runs."""
+def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool) -> torch.Tensor | None:
+    """x through the packed native matmul (gated: silu(gate) * up of a fused gate/up weight); None where it cannot run."""
+    out_features, in_features = weight.shape
+    if gated and out_features % (2 * PANEL):
+        return None
     differentiable = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     packed = packed_weight(weight) if x.dtype == weight.dtype and x.numel() and not differentiable else None
     if packed is None:
-        return F.linear(x, weight, bias)
-    out_features, in_features = weight.shape
+        return None
     rows = x.numel() // in_features
     x2 = x.reshape(rows, in_features).contiguous()
-    y = torch.empty(rows, out_features, dtype=x.dtype)
-    b = bias.contiguous() if bias is not None else None
-    rc = getattr(load(), f"linear_packed_{_suffix(x.dtype)}")(
-        x2.data_ptr(),
-        packed.data_ptr(),
-        b.data_ptr() if b is not None else None,
-        y.data_ptr(),
-        rows,
-        out_features,
-        in_features,
-        torch.get_num_threads(),
-    )
+    y_features = out_features // 2 if gated else out_features
+    y = torch.empty(rows, y_features, dtype=x.dtype)
+    sfx = _suffix(x.dtype)
+    if gated:
+        rc = getattr(load(), f"linear_silu_packed_{sfx}")(
+            x2.data_ptr(), packed.data_ptr(), y.data_ptr(), rows, out_features, in_features, torch.get_num_threads()
+        )
+    else:
+        b = bias.contiguous() if bias is not None else None
+        rc = getattr(load(), f"linear_packed_{sfx}")(
+            x2.data_ptr(),
+            packed.data_ptr(),
+            b.data_ptr() if b is not None else None,
+            y.data_ptr(),
+            rows,
+            out_features,
+            in_features,
+            torch.get_num_threads(),
+        )
     if rc != 0:
         raise MemoryError(f"native linear failed (status {rc})")
-    return y.view(*x.shape[:-1], out_features)
+    return y.view(*x.shape[:-1], y_features)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as F.linear, through the packed-weight native matmul where it runs."""
+    y = _packed_linear(x, weight, bias, gated=False)
+    return F.linear(x, weight, bias) if y is None else y
+
+
+def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Same contract as kernels.reference.linear_silu_and_mul, in one pass where the gate/up split
+    falls on a panel boundary: each tile runs a gate panel and its up panel over the same rows and
+    stores silu(gate) * up, so the [rows, 2 * d] product is never written (a 2048-token prefill of
+    SmolLM2 spent 3% of its time in silu_and_mul's separate pass over it)."""
+    y = _packed_linear(x, weight, None, gated=True)
+    return silu_and_mul(linear(x, weight)) if y is None else y
 
 
 def _step_inputs(positions, slot_mapping, block_tables, context_lens) -> tuple[torch.Tensor, ...]:

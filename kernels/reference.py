@@ -157,6 +157,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """silu_and_mul(x @ weight.T) for a fused gate/up weight [2 * d, K]: x [..., K] -> [..., d]."""
+    return silu_and_mul(linear(x, weight))
+
+
 def write_kv_cache(
     key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
@@ -217,7 +222,7 @@ def decode_layer(
     attn = paged_attention_decode(q, w.k_cache, w.v_cache, block_tables, context_lens, w.scale)
     hidden = linear(attn.view(num_seqs, q_size), w.wo)
     normed, residual = fused_add_rms_norm(hidden, residual, w.ffn_norm, w.eps)
-    return linear(silu_and_mul(linear(normed, w.w13)), w.w2), residual
+    return linear(linear_silu_and_mul(normed, w.w13), w.w2), residual
 
 
 @dataclass

@@ -123,6 +123,22 @@ def test_silu_and_mul(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 300])  # a decode row, microkernel remainders, two row blocks
+@pytest.mark.parametrize("d", [128, 100])  # the split on a panel boundary (fused), and off one (two steps)
+def test_linear_silu_and_mul_equals_the_two_steps(dtype, rows, d):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(rows, 96, generator=g).to(dtype)
+    w = (torch.randn(2 * d, 96, generator=g) / 4).to(dtype)
+    got = cpu_native.linear_silu_and_mul(x, w)
+    two_steps = cpu_native.silu_and_mul(cpu_native.linear(x, w))
+    assert got.shape == (rows, d) and got.dtype == dtype
+    # the fused pass rounds gate and up through the storage dtype as the stored product is: the same bits
+    assert torch.equal(got, two_steps)
+    expected = reference.silu_and_mul(torch.nn.functional.linear(x.float(), w.float())).to(dtype)
+    torch.testing.assert_close(got.float(), expected.float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_write_kv_cache_from_strided_views(dtype):
     g = torch.Generator().manual_seed(4)
     num_tokens, kv_heads, head_dim = 9, 3, 16

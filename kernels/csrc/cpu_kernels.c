@@ -833,10 +833,44 @@ static inline void store_panel_bf16(uint16_t* y, long ldy, int mr, int cols, con
 #endif
 
 // The driver: panels split over threads; every MR rows of x run through a panel.
-#define DEFINE_PACKED_LINEAR(NAME, ELEM, LOAD, SFX, HAVE, KSTEPS)                                      \
-    int NAME(const ELEM* x, const ELEM* wp, const ELEM* bias, ELEM* y, int M, int N, int K, int num_threads) { \
-        if (!HAVE) return 1;                                                                             \
-        const int P = (N + PANEL - 1) / PANEL;                                                           \
+// silu(gate) * up for 16 columns of MR rows, rounding as silu_and_mul does (gate and up through the
+// storage dtype first, as the unfused path stores them).
+#define DEFINE_STORE_SILU(SFX, ELEM)                                                                    \
+    static inline void store_silu_##SFX(ELEM* y, long ldy, int mr, __m512 g[MR_MAX][4], __m512 u[MR_MAX][4]) { \
+        for (int j = 0; j < 4; j++)                                                                      \
+            for (int m = 0; m < mr; m++) {                                                               \
+                const __m512 gv = round_##SFX(g[m][j]), uv = round_##SFX(u[m][j]);                       \
+                const __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv)))); \
+                store16_##SFX(y + m * ldy + 16 * j, _mm512_mul_ps(round_##SFX(silu), uv));              \
+            }                                                                                            \
+    }
+
+// x [M, K] through a packed weight of N rows. Plain: y [M, N] = x @ W.T + bias. Gated (W is a
+// fused gate/up projection, N = 2 * inter with inter a multiple of PANEL): y [M, inter] =
+// silu(x @ gate.T) * (x @ up.T), each tile running gate panel p and up panel p + inter / PANEL
+// over the same rows, so the [M, 2 * inter] product is never written.
+#define DEFINE_PACKED_LINEAR(NAME, NAME_SILU, ELEM, LOAD, SFX, KSTEPS)                                   \
+    static inline void NAME##_tile(const ELEM* xs, long ldx, const ELEM* wp, long panel_len, const float* bf, \
+                                   ELEM* y, int N, int K, int gated, int b0, int b1, int p) {             \
+        const ELEM* panel = wp + p * panel_len;                                                          \
+        const int ldy = gated ? N / 2 : N;                                                               \
+        const int cols = ldy - p * PANEL < PANEL ? ldy - p * PANEL : PANEL;                              \
+        for (int m0 = b0; m0 < b1; m0 += MR_##SFX) {                                                     \
+            const int mr = b1 - m0 < MR_##SFX ? b1 - m0 : MR_##SFX;                                      \
+            __m512 acc[MR_MAX][4];                                                                       \
+            panel_##SFX(xs + m0 * ldx, ldx, mr, panel, KSTEPS, acc);                                     \
+            if (gated) {                                                                                 \
+                __m512 up[MR_MAX][4];                                                                    \
+                panel_##SFX(xs + m0 * ldx, ldx, mr, panel + (long)(ldy / PANEL) * panel_len, KSTEPS, up); \
+                store_silu_##SFX(y + (long)m0 * ldy + p * PANEL, ldy, mr, acc, up);                      \
+            } else {                                                                                     \
+                store_panel_##SFX(y + (long)m0 * ldy + p * PANEL, ldy, mr, cols, bf ? bf + p * PANEL : 0, acc); \
+            }                                                                                            \
+        }                                                                                                \
+    }                                                                                                    \
+    static int NAME##_run(const ELEM* x, const ELEM* wp, const ELEM* bias, ELEM* y, int M, int N, int K, \
+                          int gated, int num_threads) {                                                  \
+        const int P = gated ? N / 2 / PANEL : (N + PANEL - 1) / PANEL; /* output panels */               \
         const ELEM* xs = x;                                                                              \
         ELEM* padded = 0;                                                                                \
         if (sizeof(ELEM) == 2 && (K & 1)) { /* bf16 pairs read one past an odd K: pad x */             \
@@ -855,43 +889,59 @@ static inline void store_panel_bf16(uint16_t* y, long ldy, int mr, int cols, con
         const long panel_len = (long)(KSTEPS) * PANEL * (sizeof(ELEM) == 2 ? 2 : 1);                      \
         /* Blocks of rows of x small enough to stay in L2 while every panel passes through them. */    \
         const int rows_per_block = 256;                                                                   \
-        for (int b0 = 0; b0 < M; b0 += rows_per_block) {                                                 \
-            const int b1 = M - b0 < rows_per_block ? M : b0 + rows_per_block;                            \
-            /* Guided: each thread first takes a run of adjacent panels, one sequential stream the */     \
-            /* hardware prefetcher follows (a panel at a time, as dynamic, 1 hands them out, makes */     \
-            /* every thread jump a panel's length at each step: batch-1 decode ran 4-20% slower). */    \
-            _Pragma("omp parallel for num_threads(num_threads) schedule(guided) if((long)(b1 - b0) * N * K > (1L << 18))") \
-            for (int p = 0; p < P; p++) {                                                                \
-                const ELEM* panel = wp + p * panel_len;                                                  \
-                const int cols = N - p * PANEL < PANEL ? N - p * PANEL : PANEL;                          \
-                for (int m0 = b0; m0 < b1; m0 += MR_##SFX) {                                             \
-                    const int mr = b1 - m0 < MR_##SFX ? b1 - m0 : MR_##SFX;                              \
-                    __m512 acc[MR_MAX][4];                                                               \
-                    panel_##SFX(xs + m0 * ldx, ldx, mr, panel, KSTEPS, acc);                             \
-                    store_panel_##SFX(y + (long)m0 * N + p * PANEL, N, mr, cols, bf ? bf + p * PANEL : 0, acc); \
+        const int blocks = (M + rows_per_block - 1) / rows_per_block;                                    \
+        /* One block (decode, short prefill): guided, so each thread first takes a run of adjacent */   \
+        /* panels, one sequential stream the prefetcher follows (a panel at a time made every thread */  \
+        /* jump a panel's length at each step: batch-1 decode ran 4-20% slower). Several blocks (long */ \
+        /* prefill): every (block, panel) tile in one region, a tile at a time, so a thread the OS */    \
+        /* preempts holds up one tile while the other goes on, not a block's region at its join. */      \
+        const int tiles = blocks * P;                                                                    \
+        _Pragma("omp parallel num_threads(num_threads) if((long)M * N * K > (1L << 18))")                 \
+        {                                                                                                \
+            if (blocks > 1) {                                                                            \
+                _Pragma("omp for schedule(dynamic, 1) nowait")                                           \
+                for (int t = 0; t < tiles; t++) {                                                        \
+                    const int b0 = (t / P) * rows_per_block, b1 = b0 + rows_per_block < M ? b0 + rows_per_block : M; \
+                    NAME##_tile(xs, ldx, wp, panel_len, bf, y, N, K, gated, b0, b1, t % P);              \
                 }                                                                                        \
+            } else {                                                                                     \
+                _Pragma("omp for schedule(guided) nowait")                                               \
+                for (int t = 0; t < tiles; t++) NAME##_tile(xs, ldx, wp, panel_len, bf, y, N, K, gated, 0, M, t); \
             }                                                                                            \
         }                                                                                                \
         free(bf);                                                                                        \
         free(padded);                                                                                    \
         return 0;                                                                                        \
+    }                                                                                                    \
+    int NAME(const ELEM* x, const ELEM* wp, const ELEM* bias, ELEM* y, int M, int N, int K, int num_threads) { \
+        return NAME##_run(x, wp, bias, y, M, N, K, 0, num_threads);                                      \
+    }                                                                                                    \
+    /* 3: the gate/up split does not fall on a panel boundary (the caller runs the two steps). */      \
+    int NAME_SILU(const ELEM* x, const ELEM* wp, ELEM* y, int M, int N, int K, int num_threads) {        \
+        if (N % (2 * PANEL)) return 3;                                                                   \
+        return NAME##_run(x, wp, 0, y, M, N, K, 1, num_threads);                                         \
     }
 
+#define PACKED_LINEAR_MISSING(NAME, NAME_SILU, ELEM)                                                    \
+    int NAME(const ELEM* x, const ELEM* wp, const ELEM* b, ELEM* y, int M, int N, int K, int t) {       \
+        (void)x; (void)wp; (void)b; (void)y; (void)M; (void)N; (void)K; (void)t;                        \
+        return 1;                                                                                        \
+    }                                                                                                    \
+    int NAME_SILU(const ELEM* x, const ELEM* wp, ELEM* y, int M, int N, int K, int t) {                 \
+        (void)x; (void)wp; (void)y; (void)M; (void)N; (void)K; (void)t;                                  \
+        return 1;                                                                                        \
+    }
 #ifdef HAVE_PACKED_F32
-DEFINE_PACKED_LINEAR(linear_packed_f32, float, LOAD_F32, f32, 1, K)
+DEFINE_STORE_SILU(f32, float)
+DEFINE_PACKED_LINEAR(linear_packed_f32, linear_silu_packed_f32, float, LOAD_F32, f32, K)
 #else
-int linear_packed_f32(const float* x, const float* wp, const float* b, float* y, int M, int N, int K, int t) {
-    (void)x; (void)wp; (void)b; (void)y; (void)M; (void)N; (void)K; (void)t;
-    return 1;
-}
+PACKED_LINEAR_MISSING(linear_packed_f32, linear_silu_packed_f32, float)
 #endif
 #ifdef HAVE_PACKED_BF16
-DEFINE_PACKED_LINEAR(linear_packed_bf16, uint16_t, bf16_to_f32, bf16, 1, (K + 1) / 2)
+DEFINE_STORE_SILU(bf16, uint16_t)
+DEFINE_PACKED_LINEAR(linear_packed_bf16, linear_silu_packed_bf16, uint16_t, bf16_to_f32, bf16, (K + 1) / 2)
 #else
-int linear_packed_bf16(const uint16_t* x, const uint16_t* wp, const uint16_t* b, uint16_t* y, int M, int N, int K, int t) {
-    (void)x; (void)wp; (void)b; (void)y; (void)M; (void)N; (void)K; (void)t;
-    return 1;
-}
+PACKED_LINEAR_MISSING(linear_packed_bf16, linear_silu_packed_bf16, uint16_t)
 #endif
 
 // ---------------------------------------------------------------------------
@@ -941,8 +991,12 @@ int linear_packed_bf16(const uint16_t* x, const uint16_t* wp, const uint16_t* b,
         rc |= linear_packed_##SFX(attn, wo, 0, hidden, M, H, q_size, num_threads);                     \
         rms_norm_##SFX(hidden, residual, ffn_norm, normed, res2, M, H, eps, num_threads);                \
         memcpy(residual, res2, sizeof(ELEM) * (long)M * H);                                              \
-        rc |= linear_packed_##SFX(normed, w13, 0, gu, M, 2 * inter, H, num_threads);                   \
-        silu_and_mul_##SFX(gu, act, M, inter, num_threads);                                              \
+        if (inter % PANEL == 0) {                                                                        \
+            rc |= linear_silu_packed_##SFX(normed, w13, act, M, 2 * inter, H, num_threads);             \
+        } else {                                                                                         \
+            rc |= linear_packed_##SFX(normed, w13, 0, gu, M, 2 * inter, H, num_threads);               \
+            silu_and_mul_##SFX(gu, act, M, inter, num_threads);                                          \
+        }                                                                                                \
         rc |= linear_packed_##SFX(act, w2, 0, hidden, M, H, inter, num_threads);                       \
         free(buf);                                                                                       \
         return rc;                                                                                       \
