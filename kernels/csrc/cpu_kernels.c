@@ -845,21 +845,20 @@ static inline void store_panel_bf16(uint16_t* y, long ldy, int mr, int cols, con
             }                                                                                            \
     }
 
-// x [M, K] through a packed weight of N rows. Plain: y [M, N] = x @ W.T + bias. Gated (W is a
-// fused gate/up projection, N = 2 * inter with inter a multiple of PANEL): y [M, inter] =
-// silu(x @ gate.T) * (x @ up.T), each tile running gate panel p and up panel p + inter / PANEL
-// over the same rows, so the [M, 2 * inter] product is never written.
-#define DEFINE_PACKED_LINEAR(NAME, NAME_SILU, ELEM, LOAD, SFX, KSTEPS)                                   \
-    static inline void NAME##_tile(const ELEM* xs, long ldx, const ELEM* wp, long panel_len, const float* bf, \
-                                   ELEM* y, int N, int K, int gated, int b0, int b1, int p) {             \
+// One tile: rows [b0, b1) of x through output panel p (GATED: gate panel p and its up panel).
+// One copy per kind, inlined into its driver's single parallel region: fp32 decode at batch 128
+// ran 9-11% slower with the tile out of line, and as slow with a region per schedule.
+#define DEFINE_PACKED_TILE(NAME, ELEM, SFX, KSTEPS, GATED)                                           \
+    static inline __attribute__((always_inline)) void NAME##_tile_##GATED(const ELEM* xs, long ldx, const ELEM* wp, long panel_len, \
+                                   const float* bf, ELEM* y, int N, int K, int b0, int b1, int p) {       \
         const ELEM* panel = wp + p * panel_len;                                                          \
-        const int ldy = gated ? N / 2 : N;                                                               \
+        const int ldy = GATED ? N / 2 : N;                                                               \
         const int cols = ldy - p * PANEL < PANEL ? ldy - p * PANEL : PANEL;                              \
         for (int m0 = b0; m0 < b1; m0 += MR_##SFX) {                                                     \
             const int mr = b1 - m0 < MR_##SFX ? b1 - m0 : MR_##SFX;                                      \
             __m512 acc[MR_MAX][4];                                                                       \
             panel_##SFX(xs + m0 * ldx, ldx, mr, panel, KSTEPS, acc);                                     \
-            if (gated) {                                                                                 \
+            if (GATED) {                                                                                 \
                 __m512 up[MR_MAX][4];                                                                    \
                 panel_##SFX(xs + m0 * ldx, ldx, mr, panel + (long)(ldy / PANEL) * panel_len, KSTEPS, up); \
                 store_silu_##SFX(y + (long)m0 * ldy + p * PANEL, ldy, mr, acc, up);                      \
@@ -867,10 +866,13 @@ static inline void store_panel_bf16(uint16_t* y, long ldy, int mr, int cols, con
                 store_panel_##SFX(y + (long)m0 * ldy + p * PANEL, ldy, mr, cols, bf ? bf + p * PANEL : 0, acc); \
             }                                                                                            \
         }                                                                                                \
-    }                                                                                                    \
-    static int NAME##_run(const ELEM* x, const ELEM* wp, const ELEM* bias, ELEM* y, int M, int N, int K, \
-                          int gated, int num_threads) {                                                  \
-        const int P = gated ? N / 2 / PANEL : (N + PANEL - 1) / PANEL; /* output panels */               \
+    }
+
+// The driver for one kind of tile (GATED: 0 or 1).
+#define DEFINE_PACKED_RUN(NAME, ELEM, LOAD, SFX, KSTEPS, GATED)                                      \
+    static int NAME##_run_##GATED(const ELEM* x, const ELEM* wp, const ELEM* bias, ELEM* y, int M, int N, int K, \
+                                  int num_threads) {                                                     \
+        const int P = GATED ? N / 2 / PANEL : (N + PANEL - 1) / PANEL; /* output panels */               \
         const ELEM* xs = x;                                                                              \
         ELEM* padded = 0;                                                                                \
         if (sizeof(ELEM) == 2 && (K & 1)) { /* bf16 pairs read one past an odd K: pad x */             \
@@ -895,31 +897,40 @@ static inline void store_panel_bf16(uint16_t* y, long ldy, int mr, int cols, con
         /* jump a panel's length at each step: batch-1 decode ran 4-20% slower). Several blocks (long */ \
         /* prefill): every (block, panel) tile in one region, a tile at a time, so a thread the OS */    \
         /* preempts holds up one tile while the other goes on, not a block's region at its join. */      \
-        const int tiles = blocks * P;                                                                    \
         _Pragma("omp parallel num_threads(num_threads) if((long)M * N * K > (1L << 18))")                 \
         {                                                                                                \
             if (blocks > 1) {                                                                            \
                 _Pragma("omp for schedule(dynamic, 1) nowait")                                           \
-                for (int t = 0; t < tiles; t++) {                                                        \
+                for (int t = 0; t < blocks * P; t++) {                                                   \
                     const int b0 = (t / P) * rows_per_block, b1 = b0 + rows_per_block < M ? b0 + rows_per_block : M; \
-                    NAME##_tile(xs, ldx, wp, panel_len, bf, y, N, K, gated, b0, b1, t % P);              \
+                    NAME##_tile_##GATED(xs, ldx, wp, panel_len, bf, y, N, K, b0, b1, t % P);             \
                 }                                                                                        \
             } else {                                                                                     \
                 _Pragma("omp for schedule(guided) nowait")                                               \
-                for (int t = 0; t < tiles; t++) NAME##_tile(xs, ldx, wp, panel_len, bf, y, N, K, gated, 0, M, t); \
+                for (int p = 0; p < P; p++) NAME##_tile_##GATED(xs, ldx, wp, panel_len, bf, y, N, K, 0, M, p); \
             }                                                                                            \
         }                                                                                                \
         free(bf);                                                                                        \
         free(padded);                                                                                    \
         return 0;                                                                                        \
-    }                                                                                                    \
+    }
+
+// x [M, K] through a packed weight of N rows. Plain: y [M, N] = x @ W.T + bias. Gated (W is a
+// fused gate/up projection, N = 2 * inter with inter a multiple of PANEL): y [M, inter] =
+// silu(x @ gate.T) * (x @ up.T), each tile running gate panel p and up panel p + inter / PANEL
+// over the same rows, so the [M, 2 * inter] product is never written.
+#define DEFINE_PACKED_LINEAR(NAME, NAME_SILU, ELEM, LOAD, SFX, KSTEPS)                                   \
+    DEFINE_PACKED_TILE(NAME, ELEM, SFX, KSTEPS, 0)                                                      \
+    DEFINE_PACKED_TILE(NAME, ELEM, SFX, KSTEPS, 1)                                                      \
+    DEFINE_PACKED_RUN(NAME, ELEM, LOAD, SFX, KSTEPS, 0)                                                  \
+    DEFINE_PACKED_RUN(NAME, ELEM, LOAD, SFX, KSTEPS, 1)                                                  \
     int NAME(const ELEM* x, const ELEM* wp, const ELEM* bias, ELEM* y, int M, int N, int K, int num_threads) { \
-        return NAME##_run(x, wp, bias, y, M, N, K, 0, num_threads);                                      \
+        return NAME##_run_0(x, wp, bias, y, M, N, K, num_threads);                                         \
     }                                                                                                    \
     /* 3: the gate/up split does not fall on a panel boundary (the caller runs the two steps). */      \
     int NAME_SILU(const ELEM* x, const ELEM* wp, ELEM* y, int M, int N, int K, int num_threads) {        \
         if (N % (2 * PANEL)) return 3;                                                                   \
-        return NAME##_run(x, wp, 0, y, M, N, K, 1, num_threads);                                         \
+        return NAME##_run_1(x, wp, 0, y, M, N, K, num_threads);                                            \
     }
 
 #define PACKED_LINEAR_MISSING(NAME, NAME_SILU, ELEM)                                                    \
