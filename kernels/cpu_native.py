@@ -341,7 +341,8 @@ def write_kv_cache(
 # oneDNN with its own packed weight: 1 row 26 vs 12, 8 rows 146 vs 70, 32 rows
 # 269 vs 193, 128 rows 364 vs 350, 2048 rows 386 vs 411 (fp32: 15 vs 8, 101 vs
 # 57, 159 vs 144, 176 vs 199, 179 vs 188). One path for every M, one extra copy.
-PANEL = 64  # output columns per packed panel (kernels/csrc/cpu_kernels.c)
+# linear_silu_packed_*: the gate/up split does not fall on a panel boundary (the caller runs two steps).
+STATUS_SPLIT_OFF_PANEL = 3
 _packed: dict[int, torch.Tensor] = {}
 _packed_ok: dict[torch.dtype, bool] = {}
 
@@ -393,8 +394,6 @@ def _has_packed(lib: ctypes.CDLL, dtype: torch.dtype) -> bool:
 def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool) -> torch.Tensor | None:
     """x through the packed native matmul (gated: silu(gate) * up of a fused gate/up weight); None where it cannot run."""
     out_features, in_features = weight.shape
-    if gated and out_features % (2 * PANEL):
-        return None
     differentiable = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     packed = packed_weight(weight) if x.dtype == weight.dtype and x.numel() and not differentiable else None
     if packed is None:
@@ -420,6 +419,8 @@ def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
             in_features,
             torch.get_num_threads(),
         )
+    if gated and rc == STATUS_SPLIT_OFF_PANEL:
+        return None
     if rc != 0:
         raise MemoryError(f"native linear failed (status {rc})")
     return y.view(*x.shape[:-1], y_features)

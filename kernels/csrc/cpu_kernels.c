@@ -832,7 +832,6 @@ static inline void store_panel_bf16(uint16_t* y, long ldy, int mr, int cols, con
 #define HAVE_PACKED_BF16 1
 #endif
 
-// The driver: panels split over threads; every MR rows of x run through a panel.
 // silu(gate) * up for 16 columns of MR rows, rounding as silu_and_mul does (gate and up through the
 // storage dtype first, as the unfused path stores them).
 #define DEFINE_STORE_SILU(SFX, ELEM)                                                                    \
@@ -868,7 +867,7 @@ static inline void store_panel_bf16(uint16_t* y, long ldy, int mr, int cols, con
         }                                                                                                \
     }
 
-// The driver for one kind of tile (GATED: 0 or 1).
+// The driver for one kind of tile (GATED: 0 or 1): tiles split over threads.
 #define DEFINE_PACKED_RUN(NAME, ELEM, LOAD, SFX, KSTEPS, GATED)                                      \
     static int NAME##_run_##GATED(const ELEM* x, const ELEM* wp, const ELEM* bias, ELEM* y, int M, int N, int K, \
                                   int num_threads) {                                                     \
@@ -1002,11 +1001,12 @@ PACKED_LINEAR_MISSING(linear_packed_bf16, linear_silu_packed_bf16, uint16_t)
         rc |= linear_packed_##SFX(attn, wo, 0, hidden, M, H, q_size, num_threads);                     \
         rms_norm_##SFX(hidden, residual, ffn_norm, normed, res2, M, H, eps, num_threads);                \
         memcpy(residual, res2, sizeof(ELEM) * (long)M * H);                                              \
-        if (inter % PANEL == 0) {                                                                        \
-            rc |= linear_silu_packed_##SFX(normed, w13, act, M, 2 * inter, H, num_threads);             \
-        } else {                                                                                         \
+        const int fused = linear_silu_packed_##SFX(normed, w13, act, M, 2 * inter, H, num_threads);     \
+        if (fused == 3) { /* the split is off a panel: the two steps */                                  \
             rc |= linear_packed_##SFX(normed, w13, 0, gu, M, 2 * inter, H, num_threads);               \
             silu_and_mul_##SFX(gu, act, M, inter, num_threads);                                          \
+        } else {                                                                                         \
+            rc |= fused;                                                                                 \
         }                                                                                                \
         rc |= linear_packed_##SFX(act, w2, 0, hidden, M, H, inter, num_threads);                       \
         free(buf);                                                                                       \
