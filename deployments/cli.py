@@ -35,6 +35,7 @@ _CONFIG_FLAGS = {
     "target_queue_depth": "target_queue_depth",
     "num_kv_blocks": "num_kv_blocks",
     "max_num_seqs": "max_num_seqs",
+    "max_num_batched_tokens": "max_num_batched_tokens",
     "max_queue_len": "max_queue_len",
     "request_timeout": "request_timeout_s",
     "grace_period": "graceful_shutdown_s",
@@ -65,6 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-queue-depth", type=float, help="autoscaling: requests (running + waiting) per replica (default 3.25)")
     p.add_argument("--num-kv-blocks", type=int, help="KV cache blocks per replica")
     p.add_argument("--max-num-seqs", type=int, help="running batch size per replica")
+    p.add_argument("--max-num-batched-tokens", type=int, help="tokens one engine step runs at most (default 1536): a running stream waits a step for its next token")
     p.add_argument("--max-queue-len", type=int, help="waiting requests per replica before 429")
     p.add_argument("--request-timeout", type=float, help="seconds before a request gets 408")
     p.add_argument("--grace-period", type=float, help="seconds in-flight requests get on shutdown")

@@ -89,6 +89,12 @@ class ServeConfig(BaseModel):
     dtype: str = Field("float32", description='Weights and KV cache dtype: "float32" or "bfloat16".')
     max_model_len: Optional[int] = Field(None, ge=2, description="Context length; default: the model's.")
     max_num_seqs: int = Field(64, ge=1, description="Requests in one replica's running batch at most.")
+    max_num_batched_tokens: int = Field(
+        1536, ge=1, description="Tokens of new prompts (and decodes) one engine step runs at most. Every running "
+        "stream waits a whole step for its next token, so this bounds the gaps a burst of new prompts puts in "
+        "them: 64 prompts at once (serve_load, SmolLM2 bf16, 2 cores), 1536 against 2048: inter-token gap p99 "
+        "1058 against 1357 ms, TTFT p99 5993 against 5886 ms, p50 and throughput level (mean of six runs).",
+    )
     num_kv_blocks: Optional[int] = Field(None, ge=1, description="KV cache blocks per replica; default from kv_cache_memory_gb.")
     kv_cache_memory_gb: float = Field(1.0, gt=0, description="KV cache budget per replica when num_kv_blocks is unset.")
     block_size: int = Field(16, ge=1, description="Tokens per KV block.")
@@ -306,6 +312,7 @@ class ServeConfig(BaseModel):
             dtype=self.dtype,
             max_model_len=self.max_model_len,
             max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
             num_kv_blocks=self.num_kv_blocks,
             kv_cache_memory_gb=self.kv_cache_memory_gb,
             block_size=self.block_size,

@@ -168,9 +168,11 @@ def test_cli_flags_override_the_config_file(tmp_path):
         served_model_name = dtype = max_model_len = num_kv_blocks = max_num_seqs = None
         request_timeout = grace_period = max_queue_len = host = port = address = None
         num_replicas = 4
+        max_num_batched_tokens = 1024
 
     config, options = build_config(Args)
     assert (config.model, config.max_queue_len, config.num_replicas) == ("b", 3, 4)
+    assert config.engine_kwargs("folder")["max_num_batched_tokens"] == 1024  # reaches the engine's scheduler
     assert (options.host, options.port) == ("127.0.0.1", 8000)
     Args.num_replicas = 0
     with pytest.raises(ValueError, match="num_replicas"):
