@@ -207,6 +207,10 @@ class ServeConfig(BaseModel):
             raise ValueError(f"routing must be one of {', '.join(POLICIES)}, got {self.routing!r}")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ValueError(f"placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {self.placement_strategy!r}")
+        if self.max_num_batched_tokens < self.max_num_seqs:  # a full batch could not decode in one step
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs ({self.max_num_seqs})"
+            )
         self._check_autoscaling()
         return self
 

@@ -173,6 +173,10 @@ def test_cli_flags_override_the_config_file(tmp_path):
     config, options = build_config(Args)
     assert (config.model, config.max_queue_len, config.num_replicas) == ("b", 3, 4)
     assert config.engine_kwargs("folder")["max_num_batched_tokens"] == 1024  # reaches the engine's scheduler
+    Args.max_num_seqs = 2048  # a full batch would not decode in one step
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        build_config(Args)
+    Args.max_num_seqs = None
     assert (options.host, options.port) == ("127.0.0.1", 8000)
     Args.num_replicas = 0
     with pytest.raises(ValueError, match="num_replicas"):
