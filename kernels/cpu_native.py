@@ -341,7 +341,8 @@ def write_kv_cache(
 # oneDNN with its own packed weight: 1 row 26 vs 12, 8 rows 146 vs 70, 32 rows
 # 269 vs 193, 128 rows 364 vs 350, 2048 rows 386 vs 411 (fp32: 15 vs 8, 101 vs
 # 57, 159 vs 144, 176 vs 199, 179 vs 188). One path for every M, one extra copy.
-# linear_silu_packed_*: the gate/up split does not fall on a panel boundary (the caller runs two steps).
+# linear_silu_packed_*: the gate/up split does not fall on a panel boundary (the caller runs two steps;
+# cpu_kernels.c names the same status).
 STATUS_SPLIT_OFF_PANEL = 3
 _packed: dict[int, torch.Tensor] = {}
 _packed_ok: dict[torch.dtype, bool] = {}

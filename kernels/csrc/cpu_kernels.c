@@ -917,6 +917,10 @@ static inline void store_panel_bf16(uint16_t* y, long ldy, int mr, int cols, con
         return 0;                                                                                        \
     }
 
+// linear_silu_packed_*'s answer when the gate/up split does not fall on a panel boundary (the caller
+// runs the two steps); kernels/cpu_native.py names the same status.
+#define STATUS_SPLIT_OFF_PANEL 3
+
 // x [M, K] through a packed weight of N rows. Plain: y [M, N] = x @ W.T + bias. Gated (W is a
 // fused gate/up projection, N = 2 * inter with inter a multiple of PANEL): y [M, inter] =
 // silu(x @ gate.T) * (x @ up.T), each tile running gate panel p and up panel p + inter / PANEL
@@ -929,9 +933,8 @@ static inline void store_panel_bf16(uint16_t* y, long ldy, int mr, int cols, con
     int NAME(const ELEM* x, const ELEM* wp, const ELEM* bias, ELEM* y, int M, int N, int K, int num_threads) { \
         return NAME##_run_0(x, wp, bias, y, M, N, K, num_threads);                                         \
     }                                                                                                    \
-    /* 3: the gate/up split does not fall on a panel boundary (the caller runs the two steps). */      \
     int NAME_SILU(const ELEM* x, const ELEM* wp, ELEM* y, int M, int N, int K, int num_threads) {        \
-        if (N % (2 * PANEL)) return 3;                                                                   \
+        if (N % (2 * PANEL)) return STATUS_SPLIT_OFF_PANEL;                                              \
         return NAME##_run_1(x, wp, 0, y, M, N, K, num_threads);                                            \
     }
 
@@ -1005,7 +1008,7 @@ PACKED_LINEAR_MISSING(linear_packed_bf16, linear_silu_packed_bf16, uint16_t)
         rms_norm_##SFX(hidden, residual, ffn_norm, normed, res2, M, H, eps, num_threads);                \
         memcpy(residual, res2, sizeof(ELEM) * (long)M * H);                                              \
         const int fused = linear_silu_packed_##SFX(normed, w13, act, M, 2 * inter, H, num_threads);     \
-        if (fused == 3) { /* the split is off a panel: the two steps */                                  \
+        if (fused == STATUS_SPLIT_OFF_PANEL) { /* the two steps */                                       \
             rc |= linear_packed_##SFX(normed, w13, 0, gu, M, 2 * inter, H, num_threads);               \
             silu_and_mul_##SFX(gu, act, M, inter, num_threads);                                          \
         } else {                                                                                         \
