@@ -205,7 +205,7 @@ static inline __m512 hsum16(const __m512* v) {
 #define DEFINE_PV(SFX, ELEM, LD, DC, G)                                                                   \
     static inline void pv_##SFX##_##DC##_##G(const ELEM* v_cache, const int32_t* table, int block_size,  \
                                              long tok_stride, long voff, int nkeys, const float* p,       \
-                                             long pstride, ELEM* out, long ostride) {                     \
+                                             long pstride, long tstride, ELEM* out, long ostride) {       \
         __m512 o[G][DC];                                                                                  \
         for (int g = 0; g < (G); g++)                                                                     \
             for (int c = 0; c < (DC); c++) o[g][c] = _mm512_setzero_ps();                                 \
@@ -217,7 +217,7 @@ static inline __m512 hsum16(const __m512* v) {
                 __m512 vv[DC];                                                                            \
                 for (int c = 0; c < (DC); c++) vv[c] = LD(vp + 16 * c, 0xffff);                           \
                 for (int g = 0; g < (G); g++) {                                                           \
-                    const __m512 pb = _mm512_set1_ps(p[g * pstride + t]);                                 \
+                    const __m512 pb = _mm512_set1_ps(p[g * pstride + t * tstride]);                      \
                     for (int c = 0; c < (DC); c++) o[g][c] = _mm512_fmadd_ps(pb, vv[c], o[g][c]);         \
                 }                                                                                         \
             }                                                                                             \
@@ -231,19 +231,19 @@ static inline __m512 hsum16(const __m512* v) {
     /* g rows at a time, at most 24 / DC per call. */                                                    \
     static inline void pv_##SFX##_##DC(int g, const ELEM* v_cache, const int32_t* table, int block_size,  \
                                        long tok_stride, long voff, int nkeys, const float* p, long pstride, \
-                                       ELEM* out, long ostride) {                                         \
+                                       long tstride, ELEM* out, long ostride) {                           \
         enum { GT = 24 / DC };                                                                            \
         for (int g0 = 0; g0 < g; g0 += GT) {                                                              \
             const int n = g - g0 < GT ? g - g0 : GT;                                                      \
             const float* pg = p + g0 * pstride;                                                           \
             ELEM* og = out + g0 * ostride;                                                                \
             switch (n) {                                                                                  \
-                case 1: pv_##SFX##_##DC##_1(v_cache, table, block_size, tok_stride, voff, nkeys, pg, pstride, og, ostride); break; \
-                case 2: pv_##SFX##_##DC##_2(v_cache, table, block_size, tok_stride, voff, nkeys, pg, pstride, og, ostride); break; \
-                case 3: pv_##SFX##_##DC##_3(v_cache, table, block_size, tok_stride, voff, nkeys, pg, pstride, og, ostride); break; \
-                case 4: pv_##SFX##_##DC##_4(v_cache, table, block_size, tok_stride, voff, nkeys, pg, pstride, og, ostride); break; \
-                case 5: pv_##SFX##_##DC##_5(v_cache, table, block_size, tok_stride, voff, nkeys, pg, pstride, og, ostride); break; \
-                default: pv_##SFX##_##DC##_6(v_cache, table, block_size, tok_stride, voff, nkeys, pg, pstride, og, ostride); break; \
+                case 1: pv_##SFX##_##DC##_1(v_cache, table, block_size, tok_stride, voff, nkeys, pg, pstride, tstride, og, ostride); break; \
+                case 2: pv_##SFX##_##DC##_2(v_cache, table, block_size, tok_stride, voff, nkeys, pg, pstride, tstride, og, ostride); break; \
+                case 3: pv_##SFX##_##DC##_3(v_cache, table, block_size, tok_stride, voff, nkeys, pg, pstride, tstride, og, ostride); break; \
+                case 4: pv_##SFX##_##DC##_4(v_cache, table, block_size, tok_stride, voff, nkeys, pg, pstride, tstride, og, ostride); break; \
+                case 5: pv_##SFX##_##DC##_5(v_cache, table, block_size, tok_stride, voff, nkeys, pg, pstride, tstride, og, ostride); break; \
+                default: pv_##SFX##_##DC##_6(v_cache, table, block_size, tok_stride, voff, nkeys, pg, pstride, tstride, og, ostride); break; \
             }                                                                                             \
         }                                                                                                 \
     }
@@ -315,7 +315,7 @@ FOR_EACH_ATTENTION_VARIANT(DEFINE_PV_ALL)
         for (int h = k0 * group; h < k1 * group; h++) softmax_row(scores + (long)h * ctx, ctx);          \
         for (int kvh = k0; kvh < k1; kvh++) {                                                             \
             pv_##SFX##_##DC(group, v_cache, table, block_size, tok_stride, (long)kvh * D, ctx,            \
-                            scores + (long)kvh * group * ctx, ctx, out + (long)kvh * group * D, D);       \
+                            scores + (long)kvh * group * ctx, ctx, 1, out + (long)kvh * group * D, D);    \
         }                                                                                                 \
     }
 FOR_EACH_ATTENTION_VARIANT(DEFINE_FAST_ATTEND)
@@ -440,15 +440,190 @@ DEFINE_DECODE(paged_decode_bf16, uint16_t, bf16_to_f32, f32_to_bf16, bf16)
 //   query, out: [num_tokens, num_heads, head_dim]; query_start_loc: [num_seqs + 1]
 //   context_lens: [num_seqs] tokens cached after this step (prefix plus chunk);
 //   a sequence's queries sit at the last positions of its context.
-// One task = (sequence, kv head, tile of 16 queries): for each query head of the
-// group, scores against 16 keys at a time (one horizontal sum per 16), the
-// softmax of each row up to its own position, then P @ V with each V row loaded
-// once per register tile of query rows. Head dims 64 and 128 (AVX-512); returns
-// 2 for others (the caller runs the torch reference), 1 if scratch allocation fails.
+// One task = (sequence, kv head, tile of up to 16 queries), for each query head
+// of the group in turn: the scores of each row up to its own position, their
+// softmax, then P @ V with each V row loaded once per register tile of query rows.
+// A tile of PREFILL_MIN_LANES queries or more runs transposed (prefill_tile_*),
+// a smaller one a row at a time (prefill_rows_*: the decode rows of a mixed step,
+// a chunk's last few queries), where 16 lanes per key would mostly be padding.
+// 12 x 128-token prompts, SmolLM2's 9 / 3 heads of 64, bf16: 1.67 ms a layer
+// row by row, 0.86 ms transposed. Head dims 64 and 128 (AVX-512); returns 2 for
+// others (the caller runs the torch reference), 1 if scratch allocation fails.
 #ifdef HAVE_FAST_ATTEND
 #define PREFILL_QT 16
+// 16 tiles of n queries over 200 cached keys: at n = 6 a row at a time is 8% faster,
+// at n = 8 the transposed tile 14%.
+#define PREFILL_MIN_LANES 7
+// The transposed tile: query rows sit in the 16 lanes of a vector, so the scores
+// of one key for all of them are one vector: QK needs no horizontal sums (a row at
+// a time sums 16 keys' vectors into one with 45 shuffles and adds) and the softmax
+// runs down the keys with plain vector ops. q is transposed once per tile: bf16
+// with AVX512-BF16 keeps (d, d + 1) pairs as dwords for vdpbf16ps against a
+// broadcast pair of the K row; otherwise one float per d, pre-scaled.
+#if defined(__AVX512BF16__)
+#define QT_UNITS_bf16(D) ((D) / 2)
+#define QT_PREP_bf16(D, qh, qrow, nq, scale, qt)                                                         \
+    for (int u = 0; u < (D) / 2; u++)                                                                    \
+        for (int r = 0; r < 16; r++)                                                                     \
+            ((uint32_t*)(qt))[u * 16 + r] = r < (nq) ? ((const uint32_t*)((qh) + r * (qrow)))[u] : 0u
+#define QT_DOT_bf16(acc, qv, krow, u)                                                                    \
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(((const int32_t*)(krow))[u]), (__m512bh)(qv))
+#else
+#define QT_UNITS_bf16(D) (D)
+#define QT_PREP_bf16(D, qh, qrow, nq, scale, qt) QT_PREP_GENERIC(bf16_to_f32, D, qh, qrow, nq, scale, qt)
+#define QT_DOT_bf16(acc, qv, krow, u) acc = _mm512_fmadd_ps(_mm512_set1_ps(bf16_to_f32((krow)[u])), qv, acc)
+#endif
+#define QT_UNITS_f32(D) (D)
+#define QT_PREP_f32(D, qh, qrow, nq, scale, qt) QT_PREP_GENERIC(LOAD_F32, D, qh, qrow, nq, scale, qt)
+#define QT_DOT_f32(acc, qv, krow, u) acc = _mm512_fmadd_ps(_mm512_set1_ps((krow)[u]), qv, acc)
+#define QT_PREP_GENERIC(LOAD, D, qh, qrow, nq, scale, qt)                                                \
+    for (int u = 0; u < (D); u++)                                                                        \
+        for (int r = 0; r < 16; r++) ((float*)(qt))[u * 16 + r] = r < (nq) ? LOAD((qh)[r * (qrow) + u]) * (scale) : 0.f
+
+// P @ V of a tile from the exponentials E[t * 16 + r] and their row sums' inverse:
+// fp32 P through pv_* (P[r][t] at stride 16 per key), or, bf16 with AVX512-BF16,
+// P rounded to bf16 and paired over keys for vdpbf16ps against V rows paired the
+// same way (pv_pairs_*): half the multiply instructions of fp32 P.
+#define PREFILL_PV_FLOAT(SFX, DC, RT, E, inv, nkeys, pos0, nq, v_cache, table, block_size, tok_stride, voff, out, qrow) \
+    do {                                                                                                 \
+        for (int t = 0; t < (nkeys); t++) _mm512_storeu_ps((E) + (long)t * 16, _mm512_mul_ps(_mm512_loadu_ps((E) + (long)t * 16), inv)); \
+        for (int r0 = 0; r0 < (nq); r0 += (RT)) {                                                        \
+            const int rn = (nq) - r0 < (RT) ? (nq) - r0 : (RT);                                          \
+            pv_##SFX##_##DC(rn, v_cache, table, block_size, tok_stride, voff, (pos0) + r0 + rn, (E) + r0, 1, 16, \
+                            (out) + r0 * (qrow), qrow);                                                  \
+        }                                                                                                \
+    } while (0)
+#define PREFILL_PV_f32(...) PREFILL_PV_FLOAT(f32, __VA_ARGS__)
+#if defined(__AVX512BF16__)
+// Rows r0 .. r0 + G of P (bf16 pairs P2[tp * 16 + r] = (P[r][2tp], P[r][2tp + 1])) times V.
+// V rows t, t + 1 interleave by 16-bit words within each 128-bit lane, so accumulator
+// 2c holds d = 32c + 8L + j and 2c + 1 holds 32c + 8L + 4 + j (lane L, j < 4): one
+// two-source permute per 32 outputs puts them back in order.
+#define DEFINE_PV_PAIRS(DC, G)                                                                           \
+    static inline void pv_pairs_##DC##_##G(const uint16_t* v_cache, const int32_t* table, int block_size, \
+                                           long tok_stride, long voff, int nkeys, const uint32_t* p2,    \
+                                           uint16_t* out, long ostride) {                                 \
+        __m512 o[G][DC];                                                                                  \
+        for (int g = 0; g < (G); g++)                                                                     \
+            for (int c = 0; c < (DC); c++) o[g][c] = _mm512_setzero_ps();                                 \
+        int b = 0, i = 0;                                                                                 \
+        for (int t = 0; t < nkeys; t += 2) {                                                              \
+            const uint16_t* v0 = v_cache + ((long)table[b] * block_size + i) * tok_stride + voff;         \
+            if (++i == block_size) i = 0, b++;                                                            \
+            const uint16_t* v1 = t + 1 < nkeys ? v_cache + ((long)table[b] * block_size + i) * tok_stride + voff : 0; \
+            if (++i == block_size) i = 0, b++;                                                            \
+            const uint32_t* pt = p2 + (long)(t / 2) * 16;                                                 \
+            for (int c = 0; c < (DC) / 2; c++) {                                                          \
+                const __m512i a = _mm512_loadu_si512(v0 + 32 * c);                                        \
+                const __m512i z = v1 ? _mm512_loadu_si512(v1 + 32 * c) : _mm512_setzero_si512();          \
+                const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, z), hi = (__m512bh)_mm512_unpackhi_epi16(a, z); \
+                for (int g = 0; g < (G); g++) {                                                           \
+                    const __m512bh pb = (__m512bh)_mm512_set1_epi32((int)pt[g]);                          \
+                    o[g][2 * c] = _mm512_dpbf16_ps(o[g][2 * c], pb, lo);                                  \
+                    o[g][2 * c + 1] = _mm512_dpbf16_ps(o[g][2 * c + 1], pb, hi);                          \
+                }                                                                                         \
+            }                                                                                             \
+        }                                                                                                 \
+        const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);  \
+        const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31); \
+        for (int g = 0; g < (G); g++)                                                                     \
+            for (int c = 0; c < (DC) / 2; c++) {                                                          \
+                store16_bf16(out + g * ostride + 32 * c, _mm512_permutex2var_ps(o[g][2 * c], first, o[g][2 * c + 1])); \
+                store16_bf16(out + g * ostride + 32 * c + 16, _mm512_permutex2var_ps(o[g][2 * c], second, o[g][2 * c + 1])); \
+            }                                                                                             \
+    }
+#define DEFINE_PV_PAIRS_ALL(DC)                                                                          \
+    DEFINE_PV_PAIRS(DC, 1) DEFINE_PV_PAIRS(DC, 2) DEFINE_PV_PAIRS(DC, 3) DEFINE_PV_PAIRS(DC, 4)          \
+    DEFINE_PV_PAIRS(DC, 5) DEFINE_PV_PAIRS(DC, 6)                                                        \
+    static inline void pv_pairs_##DC(int g, const uint16_t* v_cache, const int32_t* table, int block_size, \
+                                     long tok_stride, long voff, int nkeys, const uint32_t* p2, uint16_t* out, \
+                                     long ostride) {                                                      \
+        switch (g) {                                                                                      \
+            case 1: pv_pairs_##DC##_1(v_cache, table, block_size, tok_stride, voff, nkeys, p2, out, ostride); break; \
+            case 2: pv_pairs_##DC##_2(v_cache, table, block_size, tok_stride, voff, nkeys, p2, out, ostride); break; \
+            case 3: pv_pairs_##DC##_3(v_cache, table, block_size, tok_stride, voff, nkeys, p2, out, ostride); break; \
+            case 4: pv_pairs_##DC##_4(v_cache, table, block_size, tok_stride, voff, nkeys, p2, out, ostride); break; \
+            case 5: pv_pairs_##DC##_5(v_cache, table, block_size, tok_stride, voff, nkeys, p2, out, ostride); break; \
+            default: pv_pairs_##DC##_6(v_cache, table, block_size, tok_stride, voff, nkeys, p2, out, ostride); break; \
+        }                                                                                                 \
+    }
+DEFINE_PV_PAIRS_ALL(4)
+DEFINE_PV_PAIRS_ALL(8)
+#define PREFILL_PV_bf16(DC, RT, E, inv, nkeys, pos0, nq, v_cache, table, block_size, tok_stride, voff, out, qrow) \
+    do {                                                                                                 \
+        /* E -> P2 in place: pair tp is written over E[tp], already read (tp <= 2 tp). */               \
+        const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, \
+                                                    23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0); \
+        for (int t = 0; t < (nkeys); t += 2) {                                                           \
+            const __m512 e0 = _mm512_mul_ps(_mm512_loadu_ps((E) + (long)t * 16), inv);                   \
+            const __m512 e1 = t + 1 < (nkeys) ? _mm512_mul_ps(_mm512_loadu_ps((E) + (long)(t + 1) * 16), inv) : _mm512_setzero_ps(); \
+            const __m512i w = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);                                      \
+            _mm512_storeu_si512((E) + (long)(t / 2) * 16, _mm512_permutexvar_epi16(interleave, w));      \
+        }                                                                                                \
+        for (int r0 = 0; r0 < (nq); r0 += (RT)) {                                                        \
+            const int rn = (nq) - r0 < (RT) ? (nq) - r0 : (RT);                                          \
+            pv_pairs_##DC(rn, v_cache, table, block_size, tok_stride, voff, (pos0) + r0 + rn,            \
+                          (const uint32_t*)(E) + r0, (out) + r0 * (qrow), qrow);                         \
+        }                                                                                                \
+    } while (0)
+#else
+#define PREFILL_PV_bf16(...) PREFILL_PV_FLOAT(bf16, __VA_ARGS__)
+#endif
+
+#define PREFILL_KT 8 /* keys per register tile of QK */
 #define DEFINE_PREFILL_TILE(SFX, ELEM, LD, DC)                                                           \
     static void prefill_tile_##SFX##_##DC(const ELEM* q, const ELEM* k_cache, const ELEM* v_cache,       \
+                                          const int32_t* table, int pos0, int nq, ELEM* out,             \
+                                          int kvh, int group, int num_heads, int num_kv_heads,           \
+                                          int block_size, float scale, float* S, float* qt) {             \
+        enum { D = DC * 16, RT = 24 / DC, U = QT_UNITS_##SFX(D) };                                       \
+        const long tok_stride = (long)num_kv_heads * D, qrow = (long)num_heads * D;                       \
+        const int nkeys = pos0 + nq; /* keys 0 .. last query's position */                                \
+        const __m512 sc = _mm512_set1_ps(QK_SCALE_##SFX(scale));                                          \
+        const __mmask16 rows = tail16(nq);                                                               \
+        for (int g = 0; g < group; g++) {                                                                 \
+            const int h = kvh * group + g;                                                                \
+            QT_PREP_##SFX(D, q + (long)h * D, qrow, nq, scale, qt);                                       \
+            /* S[t * 16 + r] = q_r . k_t */                                                               \
+            for (int t0 = 0; t0 < nkeys; t0 += PREFILL_KT) {                                              \
+                const int n = nkeys - t0 < PREFILL_KT ? nkeys - t0 : PREFILL_KT;                          \
+                const ELEM* krows[PREFILL_KT];                                                            \
+                int b = t0 / block_size, i = t0 % block_size;                                             \
+                for (int j = 0; j < PREFILL_KT; j++) {                                                    \
+                    krows[j] = k_cache + ((long)table[b] * block_size + i) * tok_stride + (long)kvh * D;  \
+                    if (j + 1 < n && ++i == block_size) i = 0, b++;                                       \
+                }                                                                                         \
+                __m512 acc[PREFILL_KT];                                                                   \
+                for (int j = 0; j < PREFILL_KT; j++) acc[j] = _mm512_setzero_ps();                        \
+                for (int u = 0; u < U; u++) {                                                             \
+                    const __m512 qv = _mm512_loadu_ps((const float*)qt + 16 * u);                         \
+                    for (int j = 0; j < PREFILL_KT; j++) QT_DOT_##SFX(acc[j], qv, krows[j], u);           \
+                }                                                                                         \
+                for (int j = 0; j < n; j++) _mm512_storeu_ps(S + (long)(t0 + j) * 16, _mm512_mul_ps(acc[j], sc)); \
+            }                                                                                             \
+            /* Softmax down the keys; lane r sees keys up to its position pos0 + r. */                   \
+            __m512 m = _mm512_set1_ps(-INFINITY);                                                         \
+            for (int t = 0; t < nkeys; t++) {                                                             \
+                const __mmask16 ok = t <= pos0 ? rows : rows & (__mmask16)(0xffffu << (t - pos0));        \
+                m = _mm512_mask_max_ps(m, ok, m, _mm512_loadu_ps(S + (long)t * 16));                      \
+            }                                                                                             \
+            __m512 sum = _mm512_setzero_ps();                                                             \
+            for (int t = 0; t < nkeys; t++) {                                                             \
+                const __mmask16 ok = t <= pos0 ? rows : rows & (__mmask16)(0xffffu << (t - pos0));        \
+                const __m512 e = _mm512_maskz_mov_ps(ok, exp512(_mm512_sub_ps(_mm512_loadu_ps(S + (long)t * 16), m))); \
+                _mm512_storeu_ps(S + (long)t * 16, e);                                                    \
+                sum = _mm512_add_ps(sum, e);                                                              \
+            }                                                                                             \
+            const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_mask_blend_ps(rows, _mm512_set1_ps(1.f), sum)); \
+            PREFILL_PV_##SFX(DC, RT, S, inv, nkeys, pos0, nq, v_cache, table, block_size, tok_stride,     \
+                             (long)kvh * D, out + (long)h * D, qrow);                                     \
+        }                                                                                                 \
+    }
+FOR_EACH_ATTENTION_VARIANT(DEFINE_PREFILL_TILE)
+// A row at a time: scores against 16 keys at a time (one horizontal sum per 16),
+// each row's softmax up to its own position, then P @ V.
+#define DEFINE_PREFILL_ROWS(SFX, ELEM, LD, DC)                                                           \
+    static void prefill_rows_##SFX##_##DC(const ELEM* q, const ELEM* k_cache, const ELEM* v_cache,       \
                                           const int32_t* table, int pos0, int nq, ELEM* out,     \
                                           int kvh, int group, int num_heads, int num_kv_heads,           \
                                           int block_size, float scale, float* S, float* qf) {             \
@@ -493,11 +668,11 @@ DEFINE_DECODE(paged_decode_bf16, uint16_t, bf16_to_f32, f32_to_bf16, bf16)
             for (int r0 = 0; r0 < nq; r0 += RT) {                                                         \
                 const int rn = nq - r0 < RT ? nq - r0 : RT;                                               \
                 pv_##SFX##_##DC(rn, v_cache, table, block_size, tok_stride, (long)kvh * D,                \
-                                pos0 + r0 + rn, S + (long)r0 * nkeys, nkeys, out + r0 * qrow + (long)h * D, qrow); \
+                                pos0 + r0 + rn, S + (long)r0 * nkeys, nkeys, 1, out + r0 * qrow + (long)h * D, qrow); \
             }                                                                                             \
         }                                                                                                 \
     }
-FOR_EACH_ATTENTION_VARIANT(DEFINE_PREFILL_TILE)
+FOR_EACH_ATTENTION_VARIANT(DEFINE_PREFILL_ROWS)
 #endif
 
 #define DEFINE_PREFILL(NAME, ELEM, SFX)                                                                  \
@@ -512,6 +687,11 @@ FOR_EACH_ATTENTION_VARIANT(DEFINE_PREFILL_TILE)
     }
 
 #ifdef HAVE_FAST_ATTEND
+// KIND##_SFX_4 or _8 by head_dim.
+#define PREFILL_RUN(KIND, SFX, head_dim, ...)                                                            \
+    do {                                                                                                 \
+        if ((head_dim) == 64) KIND##_##SFX##_4(__VA_ARGS__); else KIND##_##SFX##_8(__VA_ARGS__);          \
+    } while (0)
 #define PREFILL_BODY(SFX, ELEM)                                                                                 \
         if (head_dim != 64 && head_dim != 128) return 2;                                                  \
         const int group = num_heads / num_kv_heads;                                                       \
@@ -547,12 +727,12 @@ FOR_EACH_ATTENTION_VARIANT(DEFINE_PREFILL_TILE)
             const ELEM* qt = q + q0 * num_heads * head_dim;                                               \
             ELEM* ot = out + q0 * num_heads * head_dim;                                                   \
             const int32_t* table = block_tables + (long)s * max_blocks;                                   \
-            if (head_dim == 64)                                                                           \
-                prefill_tile_##SFX##_4(qt, k_cache, v_cache, table, pos0, nq, ot, kvh,  \
-                                       group, num_heads, num_kv_heads, block_size, scale, S, qf);        \
+            if (nq < PREFILL_MIN_LANES)                                                                   \
+                PREFILL_RUN(prefill_rows, SFX, head_dim, qt, k_cache, v_cache, table, pos0, nq, ot, kvh, group,  \
+                            num_heads, num_kv_heads, block_size, scale, S, qf);                           \
             else                                                                                          \
-                prefill_tile_##SFX##_8(qt, k_cache, v_cache, table, pos0, nq, ot, kvh,  \
-                                       group, num_heads, num_kv_heads, block_size, scale, S, qf);        \
+                PREFILL_RUN(prefill_tile, SFX, head_dim, qt, k_cache, v_cache, table, pos0, nq, ot, kvh, group,  \
+                            num_heads, num_kv_heads, block_size, scale, S, qf);                           \
         }                                                                                                 \
         free(tasks);                                                                                      \
         free(buffers);                                                                                    \
