@@ -298,3 +298,35 @@ def test_prefills_run_in_groups_each_handing_out_its_first_tokens(model_dir):
     assert early[:3] == [[("0", 1)], [("1", 1)], [("2", 1)]] and last == [("3", 1)]
     pair, early2, last2 = run(60)  # two prompts a pass
     assert pair == whole and early2[0] == [("0", 1), ("1", 1)] and last2 == [("2", 1), ("3", 1)]
+
+
+def test_a_short_chunk_that_samples_nothing_rides_in_the_group_before_it(model_dir):
+    """The step's budget ends inside a prompt: that chunk hands out no token, so it runs in the last
+    group's pass instead of a pass of its own; the tokens are those of the one-pass step."""
+    from engine import EngineConfig, LLMEngine
+
+    rng = random.Random(11)
+    prompts = [{"prompt_token_ids": [rng.randrange(3, 512) for _ in range(30)]} for _ in range(5)]
+
+    def run(pass_tokens: int):
+        engine = LLMEngine(
+            EngineConfig(
+                model=str(model_dir), num_kv_blocks=256, block_size=4, max_model_len=256,
+                max_num_batched_tokens=140, first_token_pass_tokens=pass_tokens,
+            )
+        )  # fmt: skip
+        rec = PassRecorder()
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, GREEDY)
+        last = engine.step(on_first_tokens=rec.first_pass)  # 4 whole prompts and 20 tokens of the fifth
+        rec.keep(last)
+        returned = [(o.request_id, len(o.outputs[0].token_ids)) for o in last]
+        while engine.has_unfinished_requests():
+            rec.keep(engine.step(on_first_tokens=rec.first_pass))
+        return rec.tokens, rec.early, returned
+
+    whole, _, _ = run(0)
+    grouped, early, last = run(60)
+    assert grouped == whole
+    assert early[0] == [("0", 1), ("1", 1)] and last == [("2", 1), ("3", 1)]  # two passes, not three
+    assert [] not in early  # no pass ran only the unfinished chunk
