@@ -123,8 +123,8 @@ def test_silu_and_mul(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 5, 300])  # a decode row, microkernel remainders, two row blocks
-@pytest.mark.parametrize("d", [128, 100])  # the split on a panel boundary (fused), and off one (two steps)
+@pytest.mark.parametrize("rows", [1, 5, 100, 300])  # a decode row, remainders, one block split in rows, two blocks
+@pytest.mark.parametrize("d", [128, 192, 100])  # the split on a panel boundary (fused; 3 panels: odd), off one
 def test_linear_silu_and_mul_equals_the_two_steps(dtype, rows, d):
     g = torch.Generator().manual_seed(11)
     x = torch.randn(rows, 96, generator=g).to(dtype)
@@ -169,15 +169,15 @@ def test_bf16_linear_matches_fp32_within_bf16_rounding(rows, out_features, in_fe
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [5, 6, 7, 13, 300])  # microkernel remainders; beyond one 256-row block
+@pytest.mark.parametrize("rows", [5, 6, 7, 13, 100, 300])  # remainders; 3 panels over 2 threads: rows split; 2 blocks
 def test_linear_any_rows_matches_torch(dtype, rows):
     g = torch.Generator().manual_seed(7)
     x = torch.randn(rows, 96, generator=g).to(dtype)
-    w = torch.randn(70, 96, generator=g).to(dtype)
-    b = torch.randn(70, generator=g).to(dtype)
+    w = torch.randn(130, 96, generator=g).to(dtype)
+    b = torch.randn(130, generator=g).to(dtype)
     exact = torch.nn.functional.linear(x.float(), w.float(), b.float())
     got = cpu_native.linear(x, w, b)
-    assert got.dtype == dtype and got.shape == (rows, 70)
+    assert got.dtype == dtype and got.shape == (rows, 130)
     torch.testing.assert_close(got.float(), exact, **TOL[dtype])
 
 
