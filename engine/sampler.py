@@ -1,10 +1,14 @@
 """Batched token sampling: penalties, bias, temperature, top-k/p, min-p, seeds, logprobs.
 
-All rows of a step are processed as one batch of tensors. Randomness uses the
-exponential race (argmax of p / E with E ~ Exp(1)), with the noise of a seeded
-request drawn from a generator seeded by (seed, number of tokens generated so
-far): its samples do not depend on what else is in the batch, and survive a
-preemption unchanged.
+All rows of a step are processed as one batch of tensors. A row's token is
+drawn by inverse transform: one uniform number against the row's cumulative
+distribution, summed in fp64 so that no token's share is lost to rounding near
+1. One number per row, where the exponential race (argmax of p / E, E ~ Exp(1))
+needs one per vocabulary entry: 64 rows of SmolLM2's 49152 tokens took 78 ms
+to sample that way at temperature 1, as long as the model's whole decode step.
+A seeded request draws its number from a generator seeded by (seed, number of
+tokens generated so far): its samples do not depend on what else is in the
+batch, and survive a preemption unchanged.
 """
 
 from __future__ import annotations
@@ -118,16 +122,24 @@ class Sampler:
         min_p = torch.tensor([p.min_p for p in params])[:, None]
         if (min_p > 0).any():
             probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
-        noise = torch.empty_like(probs)
+        uniform = torch.empty(len(rand), dtype=torch.float64)
         unseeded = [j for j, p in enumerate(params) if p.seed is None]
         if unseeded:
-            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1]).exponential_(generator=self.generator)
+            uniform[unseeded] = torch.rand(len(unseeded), dtype=torch.float64, generator=self.generator)
         for j, p in enumerate(params):
             if p.seed is not None:
                 g = torch.Generator().manual_seed(step_seed(p.seed, len(rows[rand[j]].output_token_ids)))
-                noise[j].exponential_(generator=g)
-        token_ids[rand] = (probs / noise).argmax(dim=-1)
+                uniform[j] = torch.rand(1, dtype=torch.float64, generator=g)
+        token_ids[rand] = inverse_transform(probs, uniform)
         return token_ids
+
+
+def inverse_transform(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Per row of `probs` (unnormalized, >= 0), the first token whose cumulative mass passes
+    uniform * total: token t with probability probs[t] / total; a zero entry is never chosen."""
+    cdf = probs.double().cumsum(dim=-1)
+    target = uniform[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float]) -> torch.Tensor:
