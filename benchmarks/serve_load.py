@@ -98,10 +98,10 @@ class Result:
         return (self.latency_s - self.ttft_s) / (self.output_tokens - 1)
 
 
-async def send(client, url: str, ids: list[int], max_tokens: int) -> Result:
+async def send(client, url: str, ids: list[int], max_tokens: int, temperature: float = 0.0) -> Result:
     """Stream one completion; time its chunks; count its tokens from the usage chunk."""
     body = {
-        "model": SERVED_NAME, "prompt": ids, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+        "model": SERVED_NAME, "prompt": ids, "max_tokens": max_tokens, "temperature": temperature, "ignore_eos": True,
         "stream": True, "stream_options": {"include_usage": True},
     }
     res = Result()
@@ -135,7 +135,7 @@ async def send(client, url: str, ids: list[int], max_tokens: int) -> Result:
 
 
 async def run_load(base: str, prompts: list[list[int]], output_len: int, rate: float, burstiness: float,
-                   max_concurrency: int, seed: int) -> tuple[list[Result], float]:
+                   max_concurrency: int, seed: int, temperature: float = 0.0) -> tuple[list[Result], float]:
     import httpx
 
     offsets = arrival_offsets(len(prompts), rate, burstiness, seed)
@@ -147,7 +147,7 @@ async def run_load(base: str, prompts: list[list[int]], output_len: int, rate: f
         async def one(ids: list[int], at: float) -> Result:
             await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
             async with gate:
-                return await send(client, f"{base}/v1/completions", ids, output_len)
+                return await send(client, f"{base}/v1/completions", ids, output_len, temperature)
 
         results = await asyncio.gather(*(one(p, t) for p, t in zip(prompts, offsets)))
         return list(results), time.perf_counter() - start
@@ -281,6 +281,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--slo-tpot-ms", type=float, default=100)
     p.add_argument("--startup-timeout", type=float, default=600)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (as `vllm bench serve`); the OpenAI API's default is 1")
     p.add_argument("--quick", action="store_true", help="smoke run: 16 prompts, 32 in / 32 out, rates 4,inf")
     a = p.parse_args(argv)
     if a.quick:
@@ -299,7 +300,8 @@ def bench_engine(server: Server, args: argparse.Namespace, prompts: dict[str, li
         runs = {}
         for rate in args.rates:
             results, duration = asyncio.run(
-                run_load(server.base, prompts[str(rate)], args.output_len, rate, args.burstiness, args.max_concurrency, args.seed)
+                run_load(server.base, prompts[str(rate)], args.output_len, rate, args.burstiness, args.max_concurrency, args.seed,
+                         args.temperature)
             )
             s = summarize(results, duration, args.slo_ttft_ms, args.slo_tpot_ms)
             runs[str(rate)] = s
@@ -349,7 +351,7 @@ def main(argv: list[str]) -> int:
     logs = ROOT / ".bench" / "serve_load"
     report: dict[str, Any] = {
         "benchmark": "serve_load", "model": args.model, "dtype": args.dtype, "isolation": isolation,
-        "workload": {k: getattr(args, k) for k in ("num_prompts", "input_len", "output_len", "rates", "burstiness", "max_concurrency", "max_num_seqs")},
+        "workload": {k: getattr(args, k) for k in ("num_prompts", "input_len", "output_len", "rates", "burstiness", "max_concurrency", "max_num_seqs", "temperature")},
         "slo": {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms},
         "engines": {},
     }
