@@ -233,6 +233,26 @@ class PassRecorder:
         self.keep(outputs)
 
 
+def run_in_passes(model_dir, prompts, pass_tokens: int, **config):
+    """Run `prompts` to the end, their first step with on_first_tokens: every request's tokens, the early
+    passes' (request, tokens) lists, and what the first step itself returned."""
+    from engine import EngineConfig, LLMEngine
+
+    engine = LLMEngine(
+        EngineConfig(model=str(model_dir), num_kv_blocks=256, block_size=4, max_model_len=256,
+                     first_token_pass_tokens=pass_tokens, **config)
+    )  # fmt: skip
+    rec = PassRecorder()
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, GREEDY)
+    last = engine.step(on_first_tokens=rec.first_pass)
+    rec.keep(last)
+    returned = [(o.request_id, len(o.outputs[0].token_ids)) for o in last]
+    while engine.has_unfinished_requests():
+        rec.keep(engine.step(on_first_tokens=rec.first_pass))
+    return rec.tokens, rec.early, returned
+
+
 def test_a_mixed_step_runs_its_prefills_first_with_the_same_tokens(model_dir):
     """With on_first_tokens, a step of prefills beside decodes hands the new requests' first tokens
     over after the prefill pass, before the decodes run; every token equals the one-pass step's."""
@@ -271,24 +291,11 @@ def test_prefills_run_in_groups_each_handing_out_its_first_tokens(model_dir):
     """With first_token_pass_tokens, a step's new prompts run in groups of about that many tokens;
     each group's requests get their first token when their pass ends, and every token equals the
     one-pass step's."""
-    from engine import EngineConfig, LLMEngine
-
     rng = random.Random(7)
     prompts = [{"prompt_token_ids": [rng.randrange(3, 512) for _ in range(30)]} for _ in range(4)]
 
-    def run(pass_tokens: int) -> tuple[dict[str, list[int]], list[list[tuple[str, int]]], list[tuple[str, int]]]:
-        engine = LLMEngine(
-            EngineConfig(model=str(model_dir), num_kv_blocks=256, block_size=4, max_model_len=256, first_token_pass_tokens=pass_tokens)
-        )
-        rec = PassRecorder()
-        for i, p in enumerate(prompts):
-            engine.add_request(str(i), p, GREEDY)
-        last = engine.step(on_first_tokens=rec.first_pass)  # four 30-token prompts, one step
-        rec.keep(last)
-        returned = [(o.request_id, len(o.outputs[0].token_ids)) for o in last]
-        while engine.has_unfinished_requests():
-            rec.keep(engine.step(on_first_tokens=rec.first_pass))
-        return rec.tokens, rec.early, returned
+    def run(pass_tokens: int):
+        return run_in_passes(model_dir, prompts, pass_tokens)  # four 30-token prompts, one step
 
     whole, none, all_four = run(0)
     assert none == [] and sorted(all_four) == [(str(i), 1) for i in range(4)]
@@ -303,27 +310,11 @@ def test_prefills_run_in_groups_each_handing_out_its_first_tokens(model_dir):
 def test_a_short_chunk_that_samples_nothing_rides_in_the_group_before_it(model_dir):
     """The step's budget ends inside a prompt: that chunk hands out no token, so it runs in the last
     group's pass instead of a pass of its own; the tokens are those of the one-pass step."""
-    from engine import EngineConfig, LLMEngine
-
     rng = random.Random(11)
     prompts = [{"prompt_token_ids": [rng.randrange(3, 512) for _ in range(30)]} for _ in range(5)]
 
-    def run(pass_tokens: int):
-        engine = LLMEngine(
-            EngineConfig(
-                model=str(model_dir), num_kv_blocks=256, block_size=4, max_model_len=256,
-                max_num_batched_tokens=140, first_token_pass_tokens=pass_tokens,
-            )
-        )  # fmt: skip
-        rec = PassRecorder()
-        for i, p in enumerate(prompts):
-            engine.add_request(str(i), p, GREEDY)
-        last = engine.step(on_first_tokens=rec.first_pass)  # 4 whole prompts and 20 tokens of the fifth
-        rec.keep(last)
-        returned = [(o.request_id, len(o.outputs[0].token_ids)) for o in last]
-        while engine.has_unfinished_requests():
-            rec.keep(engine.step(on_first_tokens=rec.first_pass))
-        return rec.tokens, rec.early, returned
+    def run(pass_tokens: int):  # the first step: 4 whole prompts and 20 tokens of the fifth
+        return run_in_passes(model_dir, prompts, pass_tokens, max_num_batched_tokens=140)
 
     whole, _, _ = run(0)
     grouped, early, last = run(60)
