@@ -570,6 +570,10 @@ DEFINE_PV_PAIRS_ALL(8)
 #define PREFILL_PV_bf16(...) PREFILL_PV_FLOAT(bf16, __VA_ARGS__)
 #endif
 
+// The lanes (query rows pos0 + r of `rows`) that see key t: every row up to pos0, then row r from t = pos0 + r.
+static inline __mmask16 causal_lanes(int t, int pos0, __mmask16 rows) {
+    return t <= pos0 ? rows : rows & (__mmask16)(0xffffu << (t - pos0));
+}
 #define PREFILL_KT 8 /* keys per register tile of QK */
 #define DEFINE_PREFILL_TILE(SFX, ELEM, LD, DC)                                                           \
     static void prefill_tile_##SFX##_##DC(const ELEM* q, const ELEM* k_cache, const ELEM* v_cache,       \
@@ -604,12 +608,12 @@ DEFINE_PV_PAIRS_ALL(8)
             /* Softmax down the keys; lane r sees keys up to its position pos0 + r. */                   \
             __m512 m = _mm512_set1_ps(-INFINITY);                                                         \
             for (int t = 0; t < nkeys; t++) {                                                             \
-                const __mmask16 ok = t <= pos0 ? rows : rows & (__mmask16)(0xffffu << (t - pos0));        \
+                const __mmask16 ok = causal_lanes(t, pos0, rows);                                         \
                 m = _mm512_mask_max_ps(m, ok, m, _mm512_loadu_ps(S + (long)t * 16));                      \
             }                                                                                             \
             __m512 sum = _mm512_setzero_ps();                                                             \
             for (int t = 0; t < nkeys; t++) {                                                             \
-                const __mmask16 ok = t <= pos0 ? rows : rows & (__mmask16)(0xffffu << (t - pos0));        \
+                const __mmask16 ok = causal_lanes(t, pos0, rows);                                         \
                 const __m512 e = _mm512_maskz_mov_ps(ok, exp512(_mm512_sub_ps(_mm512_loadu_ps(S + (long)t * 16), m))); \
                 _mm512_storeu_ps(S + (long)t * 16, e);                                                    \
                 sum = _mm512_add_ps(sum, e);                                                              \
