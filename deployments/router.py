@@ -5,7 +5,8 @@ With a head-node scheduler (the default), one request goes:
 1. hash the prompt's full blocks with the engine's own function and the
    tenant's salt (`engine.kv_cache.hash_prompt_blocks`), so the hashes equal
    the replicas' bit for bit;
-2. `await scheduler.place(RouteRequest)`: the request waits in the global
+2. `await link.place(RouteRequest)` (every place and notice of one event-loop
+   turn goes to the scheduler as one call): the request waits in the global
    queue until some replica can start it, and comes back bound to the best
    one (`Assignment`), or refused (`Rejection`: 429 with Retry-After, 400 or
    503, answered as the replica's own rejections are);
@@ -221,7 +222,7 @@ class ReplicaRouter:
         if link is None or not link.available():
             return None
         try:
-            return await link.call("place", route_request(request, self.block_size, self.with_text))
+            return await link.place(route_request(request, self.block_size, self.with_text))
         except SchedulerUnavailable:
             return None
         except BaseException:  # the client left (or the deadline passed) while the request was queued

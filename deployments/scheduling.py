@@ -86,6 +86,10 @@ class SchedulerLink:
         # Failures since the link was created, and the last one (for tests and status).
         self.num_failures = 0
         self.last_error: Optional[str] = None
+        # Ops of the current event-loop turn (places with their futures, notices with None).
+        self._outbox: list[tuple[tuple[str, tuple], Optional[asyncio.Future]]] = []
+        self._flush_scheduled = False
+        self._collecting: set[asyncio.Task] = set()
 
     def available(self) -> bool:
         """False while the link is down after a failure."""
@@ -116,12 +120,75 @@ class SchedulerLink:
         except (RayError, asyncio.TimeoutError) as e:
             raise self._mark_down(f"scheduler {self.name!r}: {method} failed: {type(e).__name__}: {e}") from e
 
+    async def place(self, request: Any) -> Any:
+        """The scheduler's Assignment or Rejection for a RouteRequest; SchedulerUnavailable as `call`.
+
+        Goes in the turn's batch (`apply`); a request the batch leaves waiting
+        in the global queue is then collected with its own `wait_placed` call.
+        """
+        future = asyncio.get_running_loop().create_future()
+        self._send(("place", (request,)), future)
+        result = await future  # cancelled before the batch left: the batch drops it
+        if result is None:
+            return await self.call("wait_placed", request.request_id)
+        return result
+
     def notify(self, method: str, *args: Any) -> None:
-        """Send without waiting for the answer (finished, cancel); failures are ignored."""
+        """Send without waiting for the answer; failures are ignored.
+
+        finished and cancel go in the turn's batch, after the places queued
+        before them; any other method is its own call.
+        """
+        if method in _BATCHED:
+            self._send((method, args), None)
+            return
         try:
             getattr(self.actor(), method).remote(*args)
         except Exception:
             pass  # a scheduler that comes back forgets unknown requests anyway
+
+    def _send(self, op: tuple[str, tuple], future: Optional[asyncio.Future]) -> None:
+        """Queue one op for this event-loop turn's `apply` call."""
+        self._outbox.append((op, future))
+        if self._flush_scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a notice from outside any event loop goes at once
+            self._flush()
+            return
+        self._flush_scheduled = True
+        loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Send the turn's ops as one `apply` call; its answers resolve the places' futures."""
+        self._flush_scheduled = False
+        batch = [(op, f) for op, f in self._outbox if f is None or not f.done()]
+        self._outbox = []
+        if not batch:
+            return
+        try:
+            ref = self.actor().apply.remote([op for op, _ in batch])
+        except Exception as e:
+            error = e if isinstance(e, SchedulerUnavailable) else self._mark_down(f"scheduler {self.name!r}: apply: {e}")
+            _fail(batch, error)
+            return
+        if any(future is not None for _, future in batch):
+            task = asyncio.get_running_loop().create_task(self._collect(ref, batch))
+            self._collecting.add(task)  # the loop holds tasks weakly
+            task.add_done_callback(self._collecting.discard)
+
+    async def _collect(self, ref: Any, batch: list[tuple[tuple, Optional[asyncio.Future]]]) -> None:
+        from ray.exceptions import RayError
+
+        try:
+            results = await ref
+        except RayError as e:
+            _fail(batch, self._mark_down(f"scheduler {self.name!r}: apply failed: {type(e).__name__}: {e}"))
+            return
+        for (_, future), result in zip(batch, results):
+            if future is not None and not future.done():
+                future.set_result(result)
 
     def _mark_down(self, error: str) -> SchedulerUnavailable:
         """Take the link down for `retry_s`; returns the error to raise."""
@@ -130,6 +197,17 @@ class SchedulerLink:
         self._handle = None  # look it up again: Ray may have restarted it, or it is gone for good
         self._down_until = self._clock() + self.retry_s
         return SchedulerUnavailable(error)
+
+
+# Notices that ride in the ingress's per-turn batch (AsyncScheduler.apply).
+_BATCHED = ("finished", "cancel")
+
+
+def _fail(batch: list[tuple[tuple, Optional[asyncio.Future]]], error: Exception) -> None:
+    """Fail the places of a batch that could not be sent or answered (their callers route without the scheduler)."""
+    for _, future in batch:
+        if future is not None and not future.done():
+            future.set_exception(error)
 
 
 async def _awaitable(ref: Any) -> Any:

@@ -95,3 +95,26 @@ def test_rejection_comes_back_at_once():
         assert (r.status, r.reason) == (400, "too_large")
 
     asyncio.run(main())
+
+
+def test_apply_answers_each_op_in_order_and_parks_what_must_wait():
+    async def main():
+        clock = Clock()
+        s = AsyncScheduler(clock=clock, tick_s=0.001)
+        s.report(ReplicaReport("r0", 0, load(1)))  # room for one more
+        huge = RouteRequest("huge", "t", (), 16, 10**6)  # more blocks than the replica has
+        got = s.apply([("place", (req("a"),)), ("place", (req("b"),)), ("place", (huge,))])
+        assert isinstance(got[0], Assignment) and got[1] is None and isinstance(got[2], Rejection)
+        # a finishes in the next batch, ahead of c: b (queued first) takes its place, c waits.
+        got = s.apply([("finished", ("a", RequestUsage(64, 0, 8))), ("place", (req("c"),))])
+        assert got == [True, None]
+        assert (await s.wait_placed("b")).replica_id == "r0"
+        task = asyncio.create_task(s.wait_placed("c"))
+        await asyncio.sleep(0.005)
+        assert not task.done()
+        assert s.apply([("cancel", ("c",))]) == [True]
+        assert (await task).status == 499
+        assert (await s.wait_placed("never-parked")).status == 499
+        assert s.stats().num_in_flight == 1 and s.stats().num_queued_interactive == 0
+
+    asyncio.run(main())

@@ -47,6 +47,9 @@ class FakeLink:
         result = getattr(self.scheduler, method)(*args)
         return await result if asyncio.iscoroutine(result) else result
 
+    async def place(self, request):
+        return await self.call("place", request)
+
     def notify(self, method, *args):
         self.calls.append(method)
         if not self.down:
@@ -278,6 +281,75 @@ def test_link_fails_fast_while_down_and_looks_the_actor_up_again():
         link.actor()
     assert starts == [0.0, 1.5] and link.num_failures == 2
     link.notify("finished", "q", None)  # never raises
+
+
+class ApplyActor:
+    """A scheduler actor handle over an in-process AsyncScheduler that records each `apply` batch."""
+
+    def __init__(self, scheduler: AsyncScheduler, fail: bool = False):
+        self.batches: list[list[tuple[str, tuple]]] = []
+        self.apply = SimpleNamespace(remote=self._apply)
+        self.wait_placed = SimpleNamespace(remote=lambda *a: scheduler.wait_placed(*a))
+        self.scheduler, self.fail = scheduler, fail
+
+    def _apply(self, ops):
+        from ray.exceptions import RayActorError
+
+        self.batches.append(ops)
+        if self.fail:
+            raise RayActorError()
+        answer = asyncio.get_running_loop().create_future()  # like an ObjectRef: awaitable, ready a turn later
+        asyncio.get_running_loop().call_soon(answer.set_result, self.scheduler.apply(ops))
+        return answer
+
+
+def test_link_sends_one_turns_places_and_notices_as_one_call():
+    from cluster.scheduler import ReplicaReport
+    from cluster.placement import ReplicaLoad, RouteRequest
+
+    async def main():
+        sched = AsyncScheduler(tick_s=0.001)
+        sched.report(ReplicaReport("r0", 0, ReplicaLoad(0, 0, 1000, 1000, 0, 2)))
+        actor = ApplyActor(sched)
+        link = SchedulerLink("x", start=lambda: actor)
+
+        def rr(rid):
+            return RouteRequest(rid, "t", (), 16, 64, 8)
+
+        # Three places in one turn (the third given up before the batch leaves) and a notice.
+        tasks = [asyncio.create_task(link.place(rr(f"q{i}"))) for i in range(3)]
+        await asyncio.sleep(0)  # the tasks queue their places
+        tasks[2].cancel()
+        link.notify("finished", "q0", None)
+        got = await asyncio.gather(*tasks, return_exceptions=True)
+        assert [op[0] for op in actor.batches[0]] == ["place", "place", "finished"] and len(actor.batches) == 1
+        assert [a.replica_id for a in got[:2]] == ["r0", "r0"] and isinstance(got[2], asyncio.CancelledError)
+        assert sched.stats().num_in_flight == 1  # q0 finished in the same call that placed it; q1 runs
+
+        # The replica is full: the batch parks the place, `wait_placed` collects it once there is room.
+        link.notify("finished", "q1", None)
+        sched.report(ReplicaReport("r0", 1, ReplicaLoad(2, 0, 1000, 1000, 0, 2)))
+        task = asyncio.create_task(link.place(rr("q3")))
+        await asyncio.sleep(0.01)
+        assert not task.done() and actor.batches[-2:] == [[("finished", ("q1", None))], [("place", (rr("q3"),))]]
+        sched.report(ReplicaReport("r0", 2, ReplicaLoad(0, 0, 1000, 1000, 0, 2)))
+        assert (await asyncio.wait_for(task, 1.0)).replica_id == "r0"
+
+        # A parked place whose client leaves: cancel in the next batch; its wait answers 499.
+        sched.report(ReplicaReport("r0", 3, ReplicaLoad(2, 0, 1000, 1000, 0, 2)))
+        task = asyncio.create_task(link.place(rr("q4")))
+        await asyncio.sleep(0.01)
+        link.notify("cancel", "q4")
+        assert (await asyncio.wait_for(task, 1.0)).status == 499
+        assert sched.stats().num_queued_interactive == 0
+
+        # A batch that fails takes the link down and fails its places the way `call` does.
+        down = SchedulerLink("y", start=lambda: ApplyActor(sched, fail=True))
+        with pytest.raises(SchedulerUnavailable):
+            await down.place(rr("q5"))
+        assert not down.available() and down.num_failures == 1
+
+    asyncio.run(main())
 
 
 def test_scheduler_config_from_serve_config():
