@@ -815,8 +815,39 @@ DEFINE_RMS_NORM(rms_norm_bf16, uint16_t, bf16_to_f32, f32_to_bf16, bf16)
 //   cos_sin: [max_positions, head_dim] fp32, cos in the first half, sin in the second.
 // Each product is rounded to the storage dtype as torch's elementwise ops do.
 
-#define DEFINE_ROTARY(NAME, ELEM, LOAD, STORE)                                                          \
+#if defined(__AVX512F__)
+// 16 lanes at a time when half a head is whole vectors (head_dim 32, 64, 96 or 128), cos and sin
+// loaded once per call; the same roundings as the scalar loop (x2 * -s rounds as -(x2 * s)).
+// One 512-token prefill pass of SmolLM2 (30 layers, 9 + 3 heads of 64): 4.4 -> 2.5 ms.
+#define ROTARY_HEADS_VECTOR(SFX, x, o, heads, head_dim, cs)                                              \
+    if ((head_dim) % 32 == 0 && (head_dim) <= 128) {                                                     \
+        const int half = (head_dim) / 2, nv = half / 16;                                                 \
+        __m512 c[4], s[4];                                                                               \
+        for (int v = 0; v < nv; v++) {                                                                   \
+            c[v] = round_##SFX(_mm512_loadu_ps((cs) + 16 * v));                                          \
+            s[v] = round_##SFX(_mm512_loadu_ps((cs) + half + 16 * v));                                   \
+        }                                                                                                \
+        for (int h = 0; h < (heads); h++) {                                                              \
+            const ELEM_T_##SFX* xh = (x) + (long)h * (head_dim);                                         \
+            ELEM_T_##SFX* oh = (o) + (long)h * (head_dim);                                               \
+            for (int v = 0; v < nv; v++) {                                                               \
+                const __m512 x1 = ld16_##SFX(xh + 16 * v, 0xffff);                                       \
+                const __m512 x2 = ld16_##SFX(xh + half + 16 * v, 0xffff);                                \
+                store16_##SFX(oh + 16 * v, _mm512_sub_ps(round_##SFX(_mm512_mul_ps(x1, c[v])),          \
+                                                         round_##SFX(_mm512_mul_ps(x2, s[v]))));         \
+                store16_##SFX(oh + half + 16 * v, _mm512_add_ps(round_##SFX(_mm512_mul_ps(x2, c[v])),   \
+                                                                round_##SFX(_mm512_mul_ps(x1, s[v])))); \
+            }                                                                                            \
+        }                                                                                                \
+        return;                                                                                          \
+    }
+#else
+#define ROTARY_HEADS_VECTOR(SFX, x, o, heads, head_dim, cs)
+#endif
+
+#define DEFINE_ROTARY(NAME, ELEM, LOAD, STORE, SFX)                                                     \
     static inline void NAME##_heads(const ELEM* x, ELEM* o, int heads, int head_dim, const float* cs) { \
+        ROTARY_HEADS_VECTOR(SFX, x, o, heads, head_dim, cs)                                             \
         const int half = head_dim / 2;                                                                  \
         for (int h = 0; h < heads; h++) {                                                               \
             const ELEM* xh = x + (long)h * head_dim;                                                    \
@@ -840,8 +871,8 @@ DEFINE_RMS_NORM(rms_norm_bf16, uint16_t, bf16_to_f32, f32_to_bf16, bf16)
         }                                                                                               \
     }
 
-DEFINE_ROTARY(rotary_f32, float, LOAD_F32, STORE_F32)
-DEFINE_ROTARY(rotary_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+DEFINE_ROTARY(rotary_f32, float, LOAD_F32, STORE_F32, f32)
+DEFINE_ROTARY(rotary_bf16, uint16_t, bf16_to_f32, f32_to_bf16, bf16)
 
 // ---------------------------------------------------------------------------
 // silu(gate) * up over the fused gate/up projection, rounding as torch does
