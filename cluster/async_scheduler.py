@@ -1,5 +1,9 @@
 """Asyncio front of the scheduler: `await place(request)` waits in the global queue.
 
+An ingress sends its places and notices in batches (`apply`, one call per
+event-loop turn of its own); a place the batch cannot decide at once is
+collected with `wait_placed`.
+
 No Ray here: `cluster.scheduler_actor` makes this class a Ray actor as is, and
 tests drive it with plain asyncio. Every call that can free capacity or add
 work (a placement, a replica report, a finish) runs the core's

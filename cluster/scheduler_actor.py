@@ -49,7 +49,7 @@ def start_scheduler(
         get_if_exists=True,
         num_cpus=0,
         max_restarts=-1,
-        # place() calls wait in the actor's event loop: allow many at once.
+        # place() and wait_placed() calls wait in the actor's event loop: allow many at once.
         max_concurrency=100_000,
     )
     if pin_to_head:
