@@ -33,6 +33,9 @@ from cluster.scheduler import (
 )
 from cluster.tenants import TenantRegistry, Usage, UsageKey
 
+# How long a placement `apply` parked waits for its caller's `wait_placed` (which follows at once).
+PARKED_TTL_S = 60.0
+
 
 class AsyncScheduler:
     """`Scheduler` behind asyncio futures.
@@ -58,8 +61,10 @@ class AsyncScheduler:
         self._clock = clock
         self.tick_s = tick_s
         self._waiters: dict[str, asyncio.Future[Assignment | Rejection]] = {}
-        # Placements `apply` left waiting, until their caller's `wait_placed` (or a cancel) collects them.
-        self._parked: dict[str, asyncio.Future[Assignment | Rejection]] = {}
+        # Placements `apply` left waiting, until their caller's `wait_placed` (or a cancel) collects them,
+        # with the time they were parked: one its caller never collects (the ingress died) goes after
+        # `PARKED_TTL_S`, its binding released.
+        self._parked: dict[str, tuple[asyncio.Future[Assignment | Rejection], float]] = {}
         self._ticker: asyncio.Task | None = None
 
     def reconfigure(self, config: SchedulerConfig, tenants: TenantRegistry | str | Path | None = None) -> None:
@@ -132,18 +137,19 @@ class AsyncScheduler:
             if future.done():
                 results[i] = future.result()
             else:
-                self._parked[args[0].request_id] = future
+                self._parked[args[0].request_id] = (future, now)
                 results[i] = None
         if self._waiters:
             self._ensure_ticker()
+        self._drop_stale_parked(now)
         return results
 
     async def wait_placed(self, request_id: str, timeout_s: float | None = None) -> Assignment | Rejection:
         """The placement of a request `apply` left waiting (same timeout and cancel rules as `place`)."""
-        future = self._parked.pop(request_id, None)
-        if future is None:
+        parked = self._parked.pop(request_id, None)
+        if parked is None:
             return Rejection(request_id, "", 499, "cancelled", "the request was cancelled")
-        return await self._await_placement(request_id, future, timeout_s)
+        return await self._await_placement(request_id, parked[0], timeout_s)
 
     def finished(self, request_id: str, usage: RequestUsage | None = None) -> bool:
         """The request's stream ended; charge its usage (None when it failed early)."""
@@ -218,6 +224,13 @@ class AsyncScheduler:
         except asyncio.CancelledError:
             self._abandon(request_id, future)
             raise
+
+    def _drop_stale_parked(self, now: float) -> None:
+        """Forget placements parked longer than PARKED_TTL_S that nobody collected, releasing what they hold."""
+        stale = [rid for rid, (_, at) in self._parked.items() if now - at > PARKED_TTL_S]
+        for rid in stale:
+            future, _ = self._parked.pop(rid)
+            self._abandon(rid, future)
 
     def _abandon(self, request_id: str, future: asyncio.Future) -> None:
         self._waiters.pop(request_id, None)

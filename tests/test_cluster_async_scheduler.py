@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from cluster.async_scheduler import AsyncScheduler
+from cluster.async_scheduler import PARKED_TTL_S, AsyncScheduler
 from cluster.global_queue import Rejection
 from cluster.kv_index import STORED
 from cluster.placement import ReplicaLoad, RouteRequest
@@ -116,5 +116,14 @@ def test_apply_answers_each_op_in_order_and_parks_what_must_wait():
         assert (await task).status == 499
         assert (await s.wait_placed("never-parked")).status == 499
         assert s.stats().num_in_flight == 1 and s.stats().num_queued_interactive == 0
+
+        # A parked place nobody collects (its ingress died) is dropped after PARKED_TTL_S: queued or bound, it
+        # holds nothing any more.
+        s.apply([("place", (req("orphan-1"),)), ("place", (req("orphan-2"),))])
+        s.apply([("finished", ("b", None))])  # room for one: orphan-1 binds, orphan-2 stays queued
+        clock.t += PARKED_TTL_S + 1
+        s.apply([])
+        assert s.stats().num_in_flight == 0 and s.stats().num_queued_interactive == 0
+        assert (await s.wait_placed("orphan-1")).status == 499
 
     asyncio.run(main())
