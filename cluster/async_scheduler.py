@@ -83,11 +83,9 @@ class AsyncScheduler:
         back; if the caller is cancelled, the request leaves the queue too.
         """
         now = self._clock()
-        result = self.core.submit(request, now)
-        if isinstance(result, Rejection):
-            return result
-        future: asyncio.Future[Assignment | Rejection] = asyncio.get_running_loop().create_future()
-        self._waiters[request.request_id] = future
+        future = self._submit(request, now)
+        if isinstance(future, Rejection):
+            return future
         self._pump(now)
         if not future.done():
             self._ensure_ticker()
@@ -112,12 +110,8 @@ class AsyncScheduler:
         unbound = False  # places submitted since the last pump
         for name, args in ops:
             if name == "place":
-                request = args[0]
-                result = self.core.submit(request, now)
-                if not isinstance(result, Rejection):
-                    result = asyncio.get_running_loop().create_future()
-                    self._waiters[request.request_id] = result
-                    unbound = True
+                result = self._submit(args[0], now)
+                unbound = unbound or not isinstance(result, Rejection)
                 results.append(result)
                 continue
             if unbound:  # a notice sees the places before it as separate calls would have left them
@@ -148,7 +142,7 @@ class AsyncScheduler:
         """The placement of a request `apply` left waiting (same timeout and cancel rules as `place`)."""
         parked = self._parked.pop(request_id, None)
         if parked is None:
-            return Rejection(request_id, "", 499, "cancelled", "the request was cancelled")
+            return _cancelled(request_id)
         return await self._await_placement(request_id, parked[0], timeout_s)
 
     def finished(self, request_id: str, usage: RequestUsage | None = None) -> bool:
@@ -164,7 +158,7 @@ class AsyncScheduler:
         self._parked.pop(request_id, None)
         removed = self.core.cancel(request_id)
         if removed and future is not None and not future.done():
-            future.set_result(Rejection(request_id, "", 499, "cancelled", "the request was cancelled"))
+            future.set_result(_cancelled(request_id))
         return removed
 
     # ---- the replica side ----------------------------------------------------
@@ -211,6 +205,15 @@ class AsyncScheduler:
             else:
                 future.set_result(a)
 
+    def _submit(self, request: RouteRequest, now: float) -> asyncio.Future[Assignment | Rejection] | Rejection:
+        """Queue `request` in the core: the future its placement will resolve, or the core's refusal."""
+        result = self.core.submit(request, now)
+        if isinstance(result, Rejection):
+            return result
+        future: asyncio.Future[Assignment | Rejection] = asyncio.get_running_loop().create_future()
+        self._waiters[request.request_id] = future
+        return future
+
     async def _await_placement(
         self, request_id: str, future: asyncio.Future, timeout_s: float | None, tenant_id: str = ""
     ) -> Assignment | Rejection:
@@ -246,3 +249,8 @@ class AsyncScheduler:
         while self._waiters:
             await asyncio.sleep(self.tick_s)
             self._pump(self._clock())
+
+
+def _cancelled(request_id: str) -> Rejection:
+    """The 499 a place gets when its client went away while it was queued."""
+    return Rejection(request_id, "", 499, "cancelled", "the request was cancelled")
