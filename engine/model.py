@@ -12,7 +12,6 @@ and swapping the linear layers (engine/tensor_parallel.py).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,24 +20,7 @@ import torch.nn as nn
 import kernels
 from engine.config import ModelConfig
 from engine.memory import hugepage_zeros
-
-
-@dataclass
-class AttentionMetadata:
-    """How the packed tokens of one step map onto sequences and cache slots."""
-
-    # [num_tokens] int64: flat cache slot (block_id * block_size + offset) of each token.
-    slot_mapping: torch.Tensor
-    # Decode tokens come first, one per sequence.
-    num_decode_tokens: int
-    # [num_decodes, max_blocks] int32 and [num_decodes] int32 (context incl. the new token).
-    decode_block_tables: torch.Tensor
-    decode_context_lens: torch.Tensor
-    # [num_prefills, max_blocks] int32; [num_prefills + 1] offsets within the prefill
-    # tokens; [num_prefills] cached tokens after this step's writes.
-    prefill_block_tables: torch.Tensor
-    prefill_query_start_loc: torch.Tensor
-    prefill_context_lens: torch.Tensor
+from kernels.step import AttentionMetadata
 
 
 def build_rope_cache(
@@ -91,15 +73,16 @@ class Transformer(nn.Module):
         max_positions = max_positions or config.max_position_embeddings
         rope = build_rope_cache(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
         self.register_buffer("rope_cache", rope, persistent=False)
-        # Whole-stack decode kernels apply (tensor parallelism turns this off: its
+        # The whole-stack kernel applies (tensor parallelism turns this off: its
         # layers all-reduce between the matmuls).
-        self.fused_decode = True
-        self._decode_stack: kernels.DecodeStack | None = None
+        self.fused_stack = True
+        self._stack: kernels.StackWeights | None = None
 
-    @property
-    def decodes_natively(self) -> bool:
-        """Whether a decode-only batch runs as one whole-stack kernel call (see `forward`)."""
-        return self.fused_decode and kernels.fused_decode_supported(self.rope_cache.device, self.norm.weight.dtype)
+    def runs_natively(self, with_prefill: bool) -> bool:
+        """Whether a step (decodes only, or with prefill chunks) runs as one whole-stack kernel call."""
+        return self.fused_stack and kernels.stack_supported(
+            self.rope_cache.device, self.norm.weight.dtype, self.config.head_dim, with_prefill
+        )
 
     def setup_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
         """Allocate each layer's paged K and V tensors: [num_blocks, block_size, kv_heads, head_dim]."""
@@ -116,31 +99,23 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [num_tokens]. Returns final hidden states [num_tokens, hidden]."""
         h = self.tok_embeddings(input_ids)
-        num_tokens = input_ids.shape[0]
-        if meta.num_decode_tokens == num_tokens and self.decodes_natively:
-            # A decode step, of any batch size: the whole stack in one kernel call instead of
-            # about ten per layer (SmolLM2 bf16, 64 sequences: about a tenth off the step).
-            return kernels.decode_model(
-                h,
-                positions,
-                meta.slot_mapping,
-                meta.decode_block_tables,
-                meta.decode_context_lens,
-                self.rope_cache,
-                self.decode_stack(),
-            )
+        if self.runs_natively(with_prefill=meta.num_decode_tokens < input_ids.shape[0]):
+            # The whole stack in one kernel call instead of about ten per layer. SmolLM2 bf16: a
+            # tenth off a 64-sequence decode step; a 128-token prefill pass 78.7 -> 73.4 ms, a
+            # 512-token one 333 -> 328 (medians of 10-20, alternating).
+            return kernels.decoder_stack(h, positions, meta, self.rope_cache, self.stack_weights())
         residual = None
         for layer in self.layers:
             h, residual = layer(h, residual, positions, self.rope_cache, meta)
         h, _ = self.norm(h, residual)
         return h
 
-    def decode_stack(self) -> kernels.DecodeStack:
-        """Every layer's tensors for kernels.decode_model (rebuilt if the KV cache was reallocated)."""
-        layers = [layer.decode_weights() for layer in self.layers]
-        if self._decode_stack is None or any(a is not b for a, b in zip(layers, self._decode_stack.layers)):
-            self._decode_stack = kernels.DecodeStack(layers=layers, final_norm=self.norm.weight)
-        return self._decode_stack
+    def stack_weights(self) -> kernels.StackWeights:
+        """Every layer's tensors for kernels.decoder_stack (rebuilt if the KV cache was reallocated)."""
+        layers = [layer.layer_weights() for layer in self.layers]
+        if self._stack is None or any(a is not b for a, b in zip(layers, self._stack.layers)):
+            self._stack = kernels.StackWeights(layers=layers, final_norm=self.norm.weight)
+        return self._stack
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden] -> fp32 logits [n, vocab]."""
@@ -154,14 +129,14 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(config)
         self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self._decode_weights: kernels.DecodeLayerWeights | None = None
+        self._weights: kernels.LayerWeights | None = None
 
-    def decode_weights(self) -> kernels.DecodeLayerWeights:
-        """This layer's tensors for kernels.decode_layer (built once its KV cache exists)."""
+    def layer_weights(self) -> kernels.LayerWeights:
+        """This layer's tensors for kernels.decoder_stack (built once its KV cache exists)."""
         attn, ffn = self.attention, self.feed_forward
-        if self._decode_weights is None or self._decode_weights.k_cache is not attn.k_cache:
+        if self._weights is None or self._weights.k_cache is not attn.k_cache:
             assert attn.k_cache is not None and attn.v_cache is not None, "setup_kv_cache() first"
-            self._decode_weights = kernels.DecodeLayerWeights(
+            self._weights = kernels.LayerWeights(
                 attn_norm=self.attention_norm.weight,
                 wqkv=attn.wqkv.weight,
                 bqkv=attn.wqkv.bias,
@@ -177,7 +152,7 @@ class TransformerBlock(nn.Module):
                 eps=self.attention_norm.eps,
                 scale=attn.scale,
             )
-        return self._decode_weights
+        return self._weights
 
     def forward(
         self,
@@ -221,26 +196,7 @@ class Attention(nn.Module):
         # queries read their own new keys from the cache like any cached ones.
         kernels.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
 
-        nd = meta.num_decode_tokens
-        if nd == num_tokens:
-            out = kernels.paged_attention_decode(
-                q, self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale
-            )
-        else:
-            out = torch.empty_like(q)
-            if nd:
-                out[:nd] = kernels.paged_attention_decode(
-                    q[:nd], self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale
-                )
-            out[nd:] = kernels.paged_attention_prefill(
-                q[nd:],
-                self.k_cache,
-                self.v_cache,
-                meta.prefill_block_tables,
-                meta.prefill_query_start_loc,
-                meta.prefill_context_lens,
-                self.scale,
-            )
+        out = kernels.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
         return self.wo(out.view(num_tokens, q_size))
 
 

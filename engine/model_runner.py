@@ -69,7 +69,7 @@ class ModelRunner:
     @property
     def fused_decode_available(self) -> bool:
         """Whether a decode-only step takes the model's whole-stack kernel (single process only)."""
-        return self.tp_group is None and self.model.decodes_natively
+        return self.tp_group is None and self.model.runs_natively(with_prefill=False)
 
     def prepare(self, out: SchedulerOutput) -> ModelInput:
         """Pack the scheduled requests of one step into tensors."""

@@ -180,7 +180,7 @@ def apply_tensor_parallel(model: Transformer, ctx: ParallelContext, has_lm_head:
     nq, nkv = len(shard.q_heads), len(shard.kv_heads)
     q_lo, q_hi = shard.q_heads[0], shard.q_heads[-1] + 1
 
-    model.fused_decode = False  # row-parallel layers all-reduce between their matmuls
+    model.fused_stack = False  # row-parallel layers all-reduce between their matmuls
     model.tok_embeddings = VocabParallelEmbedding(vocab_lo, vocab_hi, config.hidden_size, ctx)
     model.output = VocabParallelLMHead(config.hidden_size, vocab_sizes, ctx)
     plan: WeightPlan = {

@@ -15,6 +15,7 @@ import torch
 
 from kernels import cpu_native, quant, reference
 from kernels.dispatch import register, resolve
+from kernels.step import AttentionMetadata, LayerWeights, StackWeights, split_attention
 
 
 def _lazy_triton(module: str, name: str) -> Callable:
@@ -58,8 +59,7 @@ register(
     native_impl=cpu_native.apply_rotary_emb,
 )
 register("linear", torch_impl=reference.linear, native_impl=cpu_native.linear)
-register("decode_layer", torch_impl=reference.decode_layer, native_impl=cpu_native.decode_layer)
-register("decode_model", torch_impl=reference.decode_model, native_impl=cpu_native.decode_model)
+register("decoder_stack", torch_impl=reference.decoder_stack, native_impl=cpu_native.decoder_stack)
 register("silu_and_mul", torch_impl=reference.silu_and_mul, native_impl=cpu_native.silu_and_mul)
 register(
     "linear_silu_and_mul", torch_impl=reference.linear_silu_and_mul, native_impl=cpu_native.linear_silu_and_mul
@@ -135,44 +135,38 @@ def prepare_linear_weights(weights: Iterable[torch.Tensor]) -> int:
     return count
 
 
-DecodeLayerWeights = reference.DecodeLayerWeights
-DecodeStack = reference.DecodeStack
-
-
-def fused_decode_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether a decode step runs `decode_model` as one native call (the whole stack, any batch size)."""
-    return resolve("decode_model", "auto", device) is cpu_native.decode_model and cpu_native.packed_supported(dtype)
-
-
-def decode_layer(
-    hidden: torch.Tensor,
-    residual: torch.Tensor | None,
-    positions: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    rope_cache: torch.Tensor,
-    weights: DecodeLayerWeights,
-    impl: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole decoder layer for a decode step (the native version is one call: no per-op overhead)."""
-    fn = resolve("decode_layer", impl, hidden.device)
-    return fn(hidden, residual, positions, slot_mapping, block_tables, context_lens, rope_cache, weights)
-
-
-def decode_model(
-    hidden: torch.Tensor,
-    positions: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    rope_cache: torch.Tensor,
-    stack: DecodeStack,
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """Every layer of a decode step plus the final norm (natively: one call per step)."""
-    fn = resolve("decode_model", impl, hidden.device)
-    return fn(hidden, positions, slot_mapping, block_tables, context_lens, rope_cache, stack)
+    """A packed step's attention: decode rows first, then prefill chunks ([num_tokens, heads, head_dim])."""
+    decode = resolve("paged_attention_decode", impl, query.device)
+    prefill = resolve("paged_attention_prefill", impl, query.device)
+    return split_attention(decode, prefill, query, key_cache, value_cache, meta, scale)
+
+
+def stack_supported(device: torch.device, dtype: torch.dtype, head_dim: int, with_prefill: bool) -> bool:
+    """Whether `decoder_stack` runs a step as one native call (any batch size; prefill rows
+    need a native prefill attention for this head dim)."""
+    native = resolve("decoder_stack", "auto", device) is cpu_native.decoder_stack
+    return native and cpu_native.stack_supported(dtype, head_dim, with_prefill)
+
+
+def decoder_stack(
+    hidden: torch.Tensor,
+    positions: torch.Tensor,
+    meta: AttentionMetadata,
+    rope_cache: torch.Tensor,
+    stack: StackWeights,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Every decoder layer of a packed step plus the final norm (natively: one call per step)."""
+    fn = resolve("decoder_stack", impl, hidden.device)
+    return fn(hidden, positions, meta, rope_cache, stack)
 
 
 def silu_and_mul(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
@@ -212,10 +206,12 @@ __all__ = [
     "fused_add_rms_norm",
     "apply_rotary_emb",
     "linear",
-    "decode_layer",
-    "decode_model",
-    "DecodeLayerWeights",
-    "DecodeStack",
+    "paged_attention",
+    "stack_supported",
+    "decoder_stack",
+    "AttentionMetadata",
+    "LayerWeights",
+    "StackWeights",
     "silu_and_mul",
     "linear_silu_and_mul",
     "write_kv_cache",

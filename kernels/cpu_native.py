@@ -87,11 +87,8 @@ def _build() -> ctypes.CDLL:
         fn = getattr(lib, f"packed_numel_{suffix}")
         fn.argtypes = [i, i]
         fn.restype = ctypes.c_long
-        fn = getattr(lib, f"decode_layer_{suffix}")
-        fn.argtypes = [p, p, i] + [p] * 4 + [i] + [p] * 10 + [i] * 7 + [f, f, i]
-        fn.restype = ctypes.c_int
-        fn = getattr(lib, f"decode_model_{suffix}")
-        fn.argtypes = [p, i] + [p] * 4 + [i] + [p] * 11 + [i] * 7 + [f, f, i]
+        fn = getattr(lib, f"decoder_stack_{suffix}")
+        fn.argtypes = [p, i] + [p] * 4 + [i, i] + [p] * 3 + [i, i] + [p] * 11 + [i] * 7 + [f, f, i]
         fn.restype = ctypes.c_int
     return lib
 
@@ -442,73 +439,14 @@ def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return silu_and_mul(linear(x, weight)) if y is None else y
 
 
-def _step_inputs(positions, slot_mapping, block_tables, context_lens) -> tuple[torch.Tensor, ...]:
-    """A decode step's metadata in the dtypes the native decode kernels take."""
-    return (
-        positions.to(torch.int64).contiguous(),
-        slot_mapping.to(torch.int64).contiguous(),
-        block_tables.to(torch.int32).contiguous(),
-        context_lens.to(torch.int32).contiguous(),
-    )
+def stack_supported(dtype: torch.dtype, head_dim: int, with_prefill: bool) -> bool:
+    """Whether `decoder_stack` runs a step natively: the packed matmul, and for prefill rows a
+    native prefill attention (head dims 64 and 128)."""
+    return packed_supported(dtype) and (not with_prefill or head_dim in (64, 128))
 
 
-def _layer_dims(w: "DecodeLayerWeights", num_seqs: int, hidden_size: int) -> tuple:
-    """The trailing size arguments of decode_layer_* and decode_model_*."""
-    return (
-        num_seqs,
-        hidden_size,
-        w.num_heads,
-        w.num_kv_heads,
-        w.head_dim,
-        w.w2.shape[1],
-        w.k_cache.shape[1],
-        float(w.eps),
-        float(w.scale),
-        torch.get_num_threads(),
-    )
-
-
-def decode_layer(
-    hidden: torch.Tensor,
-    residual: torch.Tensor | None,
-    positions: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    rope_cache: torch.Tensor,
-    w: "DecodeLayerWeights",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as kernels.reference.decode_layer, in one native call."""
-    num_seqs, hidden_size = hidden.shape
-    fn = _kernel("decode_layer", hidden.dtype)
-    out = hidden.contiguous().clone()
-    first = residual is None
-    res = torch.empty_like(out) if first else residual.contiguous().clone()
-    pos, slots, tables, lens = _step_inputs(positions, slot_mapping, block_tables, context_lens)
-    rc = fn(
-        out.data_ptr(),
-        res.data_ptr(),
-        int(first),
-        pos.data_ptr(),
-        slots.data_ptr(),
-        tables.data_ptr(),
-        lens.data_ptr(),
-        tables.shape[1],
-        rope_cache.data_ptr(),
-        w.attn_norm.data_ptr(),
-        _packed_ptr(w.wqkv),
-        w.bqkv.data_ptr() if w.bqkv is not None else None,
-        _packed_ptr(w.wo),
-        w.ffn_norm.data_ptr(),
-        _packed_ptr(w.w13),
-        _packed_ptr(w.w2),
-        w.k_cache.data_ptr(),
-        w.v_cache.data_ptr(),
-        *_layer_dims(w, num_seqs, hidden_size),
-    )
-    if rc != 0:
-        raise RuntimeError(f"native decode_layer failed (status {rc})")
-    return out, res
+def _int_tensor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype).contiguous()
 
 
 def _stack_addresses(stack) -> tuple[torch.Tensor, ...]:
@@ -532,39 +470,47 @@ def _stack_addresses(stack) -> tuple[torch.Tensor, ...]:
 def _packed_ptr(weight: torch.Tensor) -> int:
     packed = packed_weight(weight)
     if packed is None:
-        raise RuntimeError("the native decode kernels need the packed matmul (AVX-512 for fp32, AVX512-BF16 for bf16)")
+        raise RuntimeError("the native decoder stack needs the packed matmul (AVX-512 for fp32, AVX512-BF16 for bf16)")
     return packed.data_ptr()
 
 
-def decode_model(
-    hidden: torch.Tensor,
-    positions: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    rope_cache: torch.Tensor,
-    stack,
-) -> torch.Tensor:
-    """Same contract as kernels.reference.decode_model, in one native call."""
-    num_seqs, hidden_size = hidden.shape
-    fn = _kernel("decode_model", hidden.dtype)
+def decoder_stack(hidden: torch.Tensor, positions: torch.Tensor, meta, rope_cache: torch.Tensor, stack) -> torch.Tensor:
+    """Same contract as kernels.reference.decoder_stack, in one native call."""
+    num_tokens, hidden_size = hidden.shape
     w0 = stack.layers[0]
     out = hidden.contiguous().clone()
-    pos, slots, tables, lens = _step_inputs(positions, slot_mapping, block_tables, context_lens)
-    addresses = _stack_addresses(stack)
-    rc = fn(
+    pos, slots = _int_tensor(positions, torch.int64), _int_tensor(meta.slot_mapping, torch.int64)
+    d_tables, d_lens = _int_tensor(meta.decode_block_tables, torch.int32), _int_tensor(meta.decode_context_lens, torch.int32)
+    p_tables, p_lens = _int_tensor(meta.prefill_block_tables, torch.int32), _int_tensor(meta.prefill_context_lens, torch.int32)
+    p_starts = _int_tensor(meta.prefill_query_start_loc, torch.int64)
+    rc = _kernel("decoder_stack", hidden.dtype)(
         out.data_ptr(),
         len(stack.layers),
         pos.data_ptr(),
         slots.data_ptr(),
-        tables.data_ptr(),
-        lens.data_ptr(),
-        tables.shape[1],
+        d_tables.data_ptr(),
+        d_lens.data_ptr(),
+        d_tables.shape[1],
+        meta.num_decode_tokens,
+        p_tables.data_ptr(),
+        p_starts.data_ptr(),
+        p_lens.data_ptr(),
+        p_tables.shape[1],
+        p_lens.shape[0],
         rope_cache.data_ptr(),
-        *(a.data_ptr() for a in addresses),
+        *(a.data_ptr() for a in _stack_addresses(stack)),
         stack.final_norm.data_ptr(),
-        *_layer_dims(w0, num_seqs, hidden_size),
+        num_tokens,
+        hidden_size,
+        w0.num_heads,
+        w0.num_kv_heads,
+        w0.head_dim,
+        w0.w2.shape[1],
+        w0.k_cache.shape[1],
+        float(w0.eps),
+        float(w0.scale),
+        torch.get_num_threads(),
     )
     if rc != 0:
-        raise RuntimeError(f"native decode_model failed (status {rc})")
+        raise RuntimeError(f"native decoder_stack failed (status {rc})")
     return out

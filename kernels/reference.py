@@ -9,10 +9,10 @@ the engine takes on the CPU. Shapes follow the paged KV layout:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+
+from kernels.step import AttentionMetadata, LayerWeights, StackWeights, split_attention
 
 
 def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
@@ -171,81 +171,43 @@ def write_kv_cache(
     value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
 
 
-@dataclass
-class DecodeLayerWeights:
-    """Everything one decoder layer reads in a decode step (weights as stored, caches in place)."""
-
-    attn_norm: torch.Tensor
-    wqkv: torch.Tensor
-    bqkv: torch.Tensor | None
-    wo: torch.Tensor
-    ffn_norm: torch.Tensor
-    w13: torch.Tensor
-    w2: torch.Tensor
-    k_cache: torch.Tensor
-    v_cache: torch.Tensor
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    eps: float
-    scale: float
-
-
-def decode_layer(
+def decoder_layer(
     hidden: torch.Tensor,
     residual: torch.Tensor | None,
     positions: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
+    meta: AttentionMetadata,
     rope_cache: torch.Tensor,
-    w: DecodeLayerWeights,
+    w: LayerWeights,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One whole decoder layer for a decode step (one token per sequence), built from the kernels above.
+    """One whole decoder layer for a packed step (decodes first, then prefill chunks), built from the kernels above.
 
-    hidden: [num_seqs, hidden] (the previous layer's output); residual: the
+    hidden: [num_tokens, hidden] (the previous layer's output); residual: the
     residual stream, or None before the first layer. Writes this step's K/V
     into the caches. Returns (this layer's output, the residual stream).
     """
-    num_seqs = hidden.shape[0]
+    num_tokens = hidden.shape[0]
     if residual is None:
         normed, residual = rms_norm(hidden, w.attn_norm, w.eps), hidden
     else:
         normed, residual = fused_add_rms_norm(hidden, residual, w.attn_norm, w.eps)
     q_size, kv_size = w.num_heads * w.head_dim, w.num_kv_heads * w.head_dim
     q, k, v = linear(normed, w.wqkv, w.bqkv).split([q_size, kv_size, kv_size], dim=-1)
-    q = q.view(num_seqs, w.num_heads, w.head_dim)
-    k = k.view(num_seqs, w.num_kv_heads, w.head_dim)
-    v = v.view(num_seqs, w.num_kv_heads, w.head_dim)
+    q = q.view(num_tokens, w.num_heads, w.head_dim)
+    k = k.view(num_tokens, w.num_kv_heads, w.head_dim)
+    v = v.view(num_tokens, w.num_kv_heads, w.head_dim)
     q, k = apply_rotary_emb(q, k, positions, rope_cache)
-    write_kv_cache(k, v, w.k_cache, w.v_cache, slot_mapping)
-    attn = paged_attention_decode(q, w.k_cache, w.v_cache, block_tables, context_lens, w.scale)
-    hidden = linear(attn.view(num_seqs, q_size), w.wo)
+    write_kv_cache(k, v, w.k_cache, w.v_cache, meta.slot_mapping)
+    attn = split_attention(paged_attention_decode, paged_attention_prefill, q, w.k_cache, w.v_cache, meta, w.scale)
+    hidden = linear(attn.view(num_tokens, q_size), w.wo)
     normed, residual = fused_add_rms_norm(hidden, residual, w.ffn_norm, w.eps)
     return linear(linear_silu_and_mul(normed, w.w13), w.w2), residual
 
 
-@dataclass
-class DecodeStack:
-    """Every layer's DecodeLayerWeights plus the final norm: a whole model for `decode_model`."""
-
-    layers: list[DecodeLayerWeights]
-    final_norm: torch.Tensor
-    # Whatever a faster implementation precomputes once (the native one: arrays of addresses).
-    prepared: object = None
-
-
-def decode_model(
-    hidden: torch.Tensor,
-    positions: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    rope_cache: torch.Tensor,
-    stack: DecodeStack,
+def decoder_stack(
+    hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, rope_cache: torch.Tensor, stack: StackWeights
 ) -> torch.Tensor:
-    """Every decoder layer of a decode step, then the final norm: embeddings in, normed hidden states out."""
+    """Every decoder layer of a step, then the final norm: embeddings in, normed hidden states out."""
     residual = None
     for w in stack.layers:
-        hidden, residual = decode_layer(hidden, residual, positions, slot_mapping, block_tables, context_lens, rope_cache, w)
+        hidden, residual = decoder_layer(hidden, residual, positions, meta, rope_cache, w)
     return fused_add_rms_norm(hidden, residual, stack.final_norm, stack.layers[0].eps)[0]

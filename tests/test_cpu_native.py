@@ -192,90 +192,161 @@ def test_linear_beyond_small_m_matches_torch():
     torch.testing.assert_close(cpu_native.linear(xb, wb).float(), torch.nn.functional.linear(xb, wb).float(), atol=0.1, rtol=0.02)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(
-    "num_seqs, first, bias", [(1, True, False), (3, False, True), (4, False, False), (70, False, True)]
-)
-def test_decode_layer_matches_its_reference(dtype, num_seqs, first, bias):
-    """Any batch size: the engine runs every pure decode step through the native stack (70 > a 64-row block)."""
+def stack_case(dtype, head_dim, bias, decode_lens, chunks, num_layers=2, seed=6):
+    """Random weights for a small stack, its caches, and a packed step: one token for each
+    context length in decode_lens, then a (cached prefix, new tokens) chunk per prefill.
+    Returns (native stack, reference stack (own caches), hidden, positions, meta, rope)."""
     from engine.model import build_rope_cache
 
-    if not cpu_native.packed_supported(dtype):
-        pytest.skip(f"no packed matmul for {dtype} on this machine (the engine decodes layer by layer)")
-
-    g = torch.Generator().manual_seed(6)
-    hidden, heads, kv_heads, head_dim, inter, block_size = 48, 6, 2, 8, 40, 4
+    g = torch.Generator().manual_seed(seed)
+    hidden, heads, kv_heads, inter, block_size = 48, 6, 2, 40, 4
 
     def r(*shape, scale=0.3):
         return (torch.randn(*shape, generator=g) * scale).to(dtype)
 
-    def weights(k_cache, v_cache):
-        return reference.DecodeLayerWeights(
-            attn_norm=(torch.rand(hidden, generator=g) + 0.5).to(dtype),
-            wqkv=r((heads + 2 * kv_heads) * head_dim, hidden),
-            bqkv=r((heads + 2 * kv_heads) * head_dim) if bias else None,
-            wo=r(hidden, heads * head_dim),
-            ffn_norm=(torch.rand(hidden, generator=g) + 0.5).to(dtype),
-            w13=r(2 * inter, hidden),
-            w2=r(hidden, inter),
-            k_cache=k_cache,
-            v_cache=v_cache,
-            num_heads=heads,
-            num_kv_heads=kv_heads,
-            head_dim=head_dim,
-            eps=1e-6,
-            scale=head_dim**-0.5,
-        )
-
-    num_blocks = 4 * num_seqs + 4
-    k_cache = r(num_blocks, block_size, kv_heads, head_dim, scale=1.0)
-    v_cache = r(num_blocks, block_size, kv_heads, head_dim, scale=1.0)
-    w_native = weights(k_cache.clone(), v_cache.clone())
-    w_ref = reference.DecodeLayerWeights(**{**w_native.__dict__, "k_cache": k_cache.clone(), "v_cache": v_cache.clone()})
-    lens = torch.tensor([5, 9, 1, 13] * num_seqs, dtype=torch.int32)[:num_seqs]
+    lens = list(decode_lens) + [p + n for p, n in chunks]
+    max_blocks = max(-(-n // block_size) for n in lens)
+    num_blocks = max_blocks * len(lens) + 4
     # Disjoint block tables: no two sequences write the same slot.
-    tables = torch.randperm(num_blocks, generator=g)[: 4 * num_seqs].view(num_seqs, 4).to(torch.int32)
-    positions = (lens - 1).to(torch.int64)
-    slots = (tables[torch.arange(num_seqs), positions // block_size].to(torch.int64) * block_size + positions % block_size)
-    x = r(num_seqs, hidden, scale=1.0)
-    residual = None if first else r(num_seqs, hidden, scale=1.0)
-    rope = build_rope_cache(head_dim, 64, 10000.0, None)
-    got = cpu_native.decode_layer(x, residual, positions, slots, tables, lens, rope, w_native)
-    expected = reference.decode_layer(x, residual, positions, slots, tables, lens, rope, w_ref)
-    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=6e-2, rtol=6e-2)
-    torch.testing.assert_close(got[0], expected[0], **tol)
-    torch.testing.assert_close(got[1], expected[1], **tol)
-    torch.testing.assert_close(w_native.k_cache, w_ref.k_cache, **tol)  # same K written to the same slots
-    torch.testing.assert_close(w_native.v_cache, w_ref.v_cache, **tol)
+    tables = torch.randperm(num_blocks, generator=g)[: max_blocks * len(lens)].view(len(lens), max_blocks).to(torch.int32)
+    nd = len(decode_lens)
+    positions = torch.cat(
+        [torch.tensor(decode_lens, dtype=torch.int64) - 1] + [torch.arange(p, p + n) for p, n in chunks]
+    )
+    seq = torch.cat([torch.arange(nd)] + [torch.full((n,), nd + i) for i, (_, n) in enumerate(chunks)])
+    slots = tables[seq, positions // block_size].to(torch.int64) * block_size + positions % block_size
+    meta = kernels.AttentionMetadata(
+        slot_mapping=slots,
+        num_decode_tokens=nd,
+        decode_block_tables=tables[:nd],
+        decode_context_lens=torch.tensor(decode_lens, dtype=torch.int32),
+        prefill_block_tables=tables[nd:],
+        prefill_query_start_loc=torch.tensor([0] + list(itertools.accumulate(n for _, n in chunks)), dtype=torch.int32),
+        prefill_context_lens=torch.tensor([p + n for p, n in chunks], dtype=torch.int32),
+    )
+    layers = []
+    for _ in range(num_layers):
+        cache = r(num_blocks, block_size, kv_heads, head_dim, scale=1.0), r(num_blocks, block_size, kv_heads, head_dim, scale=1.0)
+        layers.append(
+            kernels.LayerWeights(
+                attn_norm=(torch.rand(hidden, generator=g) + 0.5).to(dtype),
+                wqkv=r((heads + 2 * kv_heads) * head_dim, hidden),
+                bqkv=r((heads + 2 * kv_heads) * head_dim) if bias else None,
+                wo=r(hidden, heads * head_dim),
+                ffn_norm=(torch.rand(hidden, generator=g) + 0.5).to(dtype),
+                w13=r(2 * inter, hidden),
+                w2=r(hidden, inter),
+                k_cache=cache[0],
+                v_cache=cache[1],
+                num_heads=heads,
+                num_kv_heads=kv_heads,
+                head_dim=head_dim,
+                eps=1e-6,
+                scale=head_dim**-0.5,
+            )
+        )
+    final_norm = (torch.rand(hidden, generator=g) + 0.5).to(dtype)
+    native = kernels.StackWeights(layers=layers, final_norm=final_norm)
+    ref_layers = [kernels.LayerWeights(**{**w.__dict__, "k_cache": w.k_cache.clone(), "v_cache": w.v_cache.clone()}) for w in layers]
+    ref = kernels.StackWeights(layers=ref_layers, final_norm=final_norm)
+    rope = build_rope_cache(head_dim, 256, 10000.0, None)
+    return native, ref, r(len(positions), hidden, scale=1.0), positions, meta, rope
 
 
-def test_decode_model_matches_its_reference(model_factory):
-    """The whole-stack kernel against the reference composition, on a real (random) model's weights."""
+def assert_stacks_agree(dtype, native, ref, x, positions, meta, rope):
+    got = cpu_native.decoder_stack(x, positions, meta, rope, native)
+    expected = reference.decoder_stack(x, positions, meta, rope, ref)
+    # bf16 through two layers: the native attention rounds P to bf16 for its P @ V
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    torch.testing.assert_close(got, expected, **tol)
+    for w_native, w_ref in zip(native.layers, ref.layers):  # the same K/V written to the same slots
+        torch.testing.assert_close(w_native.k_cache, w_ref.k_cache, **tol)
+        torch.testing.assert_close(w_native.v_cache, w_ref.v_cache, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_seqs, bias", [(1, False), (3, True), (4, False), (70, True)])
+def test_decoder_stack_decodes_match_the_reference(dtype, num_seqs, bias):
+    """Any batch size: the engine runs every pure decode step through the native stack (70 > a
+    64-row block); head_dim 8 takes the generic decode attention."""
+    if not cpu_native.packed_supported(dtype):
+        pytest.skip(f"no packed matmul for {dtype} on this machine (the engine runs layer by layer)")
+    case = stack_case(dtype, 8, bias, decode_lens=[5, 9, 1, 13] * (num_seqs // 4) + [5, 9, 1, 13][: num_seqs % 4], chunks=[])
+    assert_stacks_agree(dtype, *case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "head_dim, decode_lens, chunks",
+    [
+        (64, [], [(0, 37)]),  # one fresh prompt
+        (64, [], [(0, 20), (9, 16), (0, 3)]),  # prompts and a chunk after a cached prefix
+        (64, [7, 1, 30], [(0, 17), (12, 40)]),  # decodes riding in a prefill pass
+        (128, [5], [(4, 70)]),
+    ],
+)
+def test_decoder_stack_with_prefill_matches_the_reference(dtype, head_dim, decode_lens, chunks):
+    """Prefill passes and mixed steps: decode rows first, then prefill chunks, as the engine packs them."""
+    if not cpu_native.stack_supported(dtype, head_dim, with_prefill=True):
+        pytest.skip(f"no native stack for {dtype} prefill on this machine")
+    assert_stacks_agree(dtype, *stack_case(dtype, head_dim, True, decode_lens, chunks))
+
+
+def test_the_native_stack_declines_prefill_it_has_no_attention_for():
+    """A prefill row of head_dim 8 has no native attention: stack_supported says so, and the
+    kernel answers status 2 rather than a wrong result."""
+    assert not cpu_native.stack_supported(torch.float32, 8, with_prefill=True)
+    if not cpu_native.packed_supported(torch.float32):
+        pytest.skip("no packed matmul on this machine")
+    assert cpu_native.stack_supported(torch.float32, 8, with_prefill=False)
+    native, _, x, positions, meta, rope = stack_case(torch.float32, 8, False, [3], [(0, 5)])
+    with pytest.raises(RuntimeError, match="status 2"):
+        cpu_native.decoder_stack(x, positions, meta, rope, native)
+
+
+def test_decoder_stack_is_the_modular_forward_bit_for_bit(model_factory):
+    """On a real (random) model's weights, a step of three decodes and two prefill chunks through
+    the whole-stack kernel equals the layer-by-layer forward over the same native kernels exactly
+    (the same calls, the same rounding points), and the torch reference within rounding."""
     from engine.weights import build_model
 
-    folder = model_factory(arch="qwen2", num_heads=4, num_kv_heads=2, with_tokenizer=False)
+    folder = model_factory(arch="qwen2", hidden_size=256, num_heads=4, num_kv_heads=2, with_tokenizer=False)  # head_dim 64
     for dtype, tol in [(torch.float32, dict(atol=1e-4, rtol=1e-4)), (torch.bfloat16, dict(atol=0.1, rtol=0.05))]:
-        if not cpu_native.packed_supported(dtype):
-            continue  # the engine decodes layer by layer there
+        if not cpu_native.stack_supported(dtype, 64, with_prefill=True):
+            continue  # the engine runs layer by layer there
         models = []
-        for _ in range(2):
+        for _ in range(3):
             m = build_model(folder, dtype)
             m.setup_kv_cache(32, 4, dtype)
-            for layer in m.layers:  # the same cached context in both copies
+            for layer in m.layers:  # the same cached context in every copy
                 g = torch.Generator().manual_seed(7)
                 layer.attention.k_cache.copy_(torch.randn(layer.attention.k_cache.shape, generator=g).to(dtype))
                 layer.attention.v_cache.copy_(torch.randn(layer.attention.v_cache.shape, generator=g).to(dtype))
             models.append(m)
-        ids = torch.tensor([3, 17, 99])
-        lens = torch.tensor([6, 11, 3], dtype=torch.int32)
-        tables = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]], dtype=torch.int32)
-        positions = (lens - 1).long()
-        slots = tables[torch.arange(3), positions // 4].long() * 4 + positions % 4
-        outs = [
-            impl(m.tok_embeddings(ids), positions, slots, tables, lens, m.rope_cache, m.decode_stack())
-            for impl, m in zip((cpu_native.decode_model, reference.decode_model), models)
-        ]
-        torch.testing.assert_close(outs[0], outs[1], **tol)
+        native, modular, ref = models
+        modular.fused_stack = False
+        ids = torch.tensor([3, 17, 99, 5, 6, 7, 8, 9, 10, 11])
+        tables = torch.arange(20, dtype=torch.int32).view(5, 4)
+        decode_lens = torch.tensor([6, 11, 3], dtype=torch.int32)
+        positions = torch.cat([(decode_lens - 1).long(), torch.arange(4), torch.arange(5, 8)])
+        seq = torch.tensor([0, 1, 2, 3, 3, 3, 3, 4, 4, 4])
+        meta = kernels.AttentionMetadata(
+            slot_mapping=tables[seq, positions // 4].long() * 4 + positions % 4,
+            num_decode_tokens=3,
+            decode_block_tables=tables[:3],
+            decode_context_lens=decode_lens,
+            prefill_block_tables=tables[3:],
+            prefill_query_start_loc=torch.tensor([0, 4, 7], dtype=torch.int32),
+            prefill_context_lens=torch.tensor([4, 8], dtype=torch.int32),
+        )
+        assert native.runs_natively(with_prefill=True) and not modular.runs_natively(with_prefill=True)
+        with torch.inference_mode():
+            got, layered = native(ids, positions, meta), modular(ids, positions, meta)
+            expected = reference.decoder_stack(ref.tok_embeddings(ids), positions, meta, ref.rope_cache, ref.stack_weights())
+        assert torch.equal(got, layered)
+        for a, b in zip(native.layers, modular.layers):
+            assert torch.equal(a.attention.k_cache, b.attention.k_cache)
+        torch.testing.assert_close(got, expected, **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

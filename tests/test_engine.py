@@ -284,7 +284,7 @@ def test_a_mixed_step_runs_its_prefills_first_with_the_same_tokens(model_dir):
     if native:
         assert early == [[("3", 1), ("4", 1), ("5", 1)]]  # only the new requests, with their first token
     else:
-        assert early == []  # without the whole-stack decode kernel a mixed step stays one pass
+        assert early == []  # without the whole-stack kernel a mixed step stays one pass
 
 
 def test_prefills_run_in_groups_each_handing_out_its_first_tokens(model_dir):

@@ -357,11 +357,11 @@ def test_the_triton_override_leaves_kernels_without_triton_on_torch(monkeypatch)
 
     monkeypatch.setenv("SHARDLINE_KERNELS", "triton")
     cuda = torch.device("cuda")  # resolve only reads the device type: no GPU needed
-    assert resolve("decode_model", "auto", cuda) is reference.decode_model
-    assert not kernels.fused_decode_supported(cuda, torch.bfloat16)
+    assert resolve("decoder_stack", "auto", cuda) is reference.decoder_stack
+    assert not kernels.stack_supported(cuda, torch.bfloat16, 64, with_prefill=False)
     assert resolve("rms_norm", "auto", cuda).__name__ == "triton_norm.rms_norm"
     with pytest.raises(ValueError, match="no Triton implementation"):
-        resolve("decode_model", "triton", cuda)
+        resolve("decoder_stack", "triton", cuda)
 
 
 def test_kernels_import_and_run_without_triton():

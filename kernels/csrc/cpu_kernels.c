@@ -1181,30 +1181,45 @@ PACKED_LINEAR_MISSING(linear_packed_bf16, linear_silu_packed_bf16, uint16_t)
 #endif
 
 // ---------------------------------------------------------------------------
-// One whole decoder layer for a decode step (any number of sequences),
-// in one call: Python's per-op overhead (about ten calls per layer) is what a
-// small-batch decode step otherwise spends most of its time on. The steps and
-// their rounding points are those of engine/model.py's modular path:
+// A whole step through every decoder layer, then the final norm, in one call:
+// the per-layer Python dispatch (about ten calls per layer) is what a
+// small-batch decode step otherwise spends most of its time on, and a few
+// milliseconds of every prefill pass. Rows [0, num_decodes) are decodes (one
+// token per sequence, attending through decode_tables / decode_lens); the rest
+// are prefill chunks packed back to back (query_start_loc), as in
+// engine/model.py's AttentionMetadata. The steps and their rounding points are
+// those of the modular path:
 //   residual = hidden (+ residual); normed = rmsnorm(residual)
 //   qkv = normed @ wqkv.T (+ bias); rotate q, k; write k, v to the cache
-//   attn = paged_decode(q); hidden = attn @ wo.T
+//   attn = paged_decode(q[:nd]), paged_prefill(q[nd:]); hidden = attn @ wo.T
 //   residual = hidden + residual; normed = rmsnorm(residual)
 //   hidden = (silu(gate) * up)(normed @ w13.T) @ w2.T
-// `hidden` and `residual` are updated in place; `first` means no residual yet.
-// The four projections arrive packed (pack_weight_*), for linear_packed_*.
+// The four projections arrive packed (pack_weight_*), for linear_packed_*;
+// per-layer tensors as arrays of addresses (index = layer). `hidden` [M, H]
+// holds the embeddings on entry and the final normed hidden states on return.
+// Returns 2 where the prefill attention has no native kernel (head_dim not 64
+// or 128: the caller checks first), 1 if scratch allocation fails.
 
-#define DEFINE_DECODE_LAYER(NAME, ELEM, SFX)                                                            \
-    int NAME(ELEM* hidden, ELEM* residual, int first, const int64_t* positions, const int64_t* slots,   \
-             const int32_t* block_tables, const int32_t* context_lens, int max_blocks, const float* rope,\
-             const ELEM* attn_norm, const ELEM* wqkv, const ELEM* bqkv, const ELEM* wo,                  \
-             const ELEM* ffn_norm, const ELEM* w13, const ELEM* w2, ELEM* k_cache, ELEM* v_cache,        \
-             int M, int H, int num_heads, int num_kv_heads, int head_dim, int inter, int block_size,     \
-             float eps, float scale, int num_threads) {                                                  \
+typedef struct {
+    const int32_t* decode_tables;   // [num_decodes, decode_max_blocks]
+    const int32_t* decode_lens;     // [num_decodes]
+    int decode_max_blocks, num_decodes;
+    const int32_t* prefill_tables;  // [num_prefills, prefill_max_blocks]
+    const int64_t* query_start_loc; // [num_prefills + 1], offsets within the prefill rows
+    const int32_t* prefill_lens;    // [num_prefills]
+    int prefill_max_blocks, num_prefills;
+} StepAttention;
+
+#define DEFINE_STEP_LAYER(ELEM, SFX)                                                                    \
+    static int step_layer_##SFX(ELEM* hidden, ELEM* residual, int first, const int64_t* positions,       \
+                                const int64_t* slots, const StepAttention* at, const float* rope,        \
+                                const ELEM* attn_norm, const ELEM* wqkv, const ELEM* bqkv, const ELEM* wo, \
+                                const ELEM* ffn_norm, const ELEM* w13, const ELEM* w2, ELEM* k_cache,   \
+                                ELEM* v_cache, ELEM* buf, int M, int H, int num_heads, int num_kv_heads, \
+                                int head_dim, int inter, int block_size, float eps, float scale,        \
+                                int num_threads) {                                                       \
         const int q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;                      \
-        const int qkv_size = q_size + 2 * kv_size;                                                       \
-        const long need = (long)M * (H + qkv_size + q_size + kv_size + q_size + H + 2 * inter + inter); \
-        ELEM* buf = malloc(sizeof(ELEM) * need);                                                         \
-        if (!buf) return 2;                                                                              \
+        const int qkv_size = q_size + 2 * kv_size, nd = at->num_decodes;                                 \
         ELEM *normed = buf, *qkv = normed + (long)M * H, *q = qkv + (long)M * qkv_size;                  \
         ELEM *k = q + (long)M * q_size, *attn = k + (long)M * kv_size, *res2 = attn + (long)M * q_size;  \
         ELEM *gu = res2 + (long)M * H, *act = gu + (long)M * 2 * inter;                                  \
@@ -1222,8 +1237,15 @@ PACKED_LINEAR_MISSING(linear_packed_bf16, linear_silu_packed_bf16, uint16_t)
         const long row_bytes = (long)kv_size * sizeof(ELEM);                                             \
         write_kv_cache((const char*)k, (const char*)(qkv + q_size + kv_size), (char*)k_cache,           \
                        (char*)v_cache, slots, M, row_bytes, row_bytes, (long)qkv_size * sizeof(ELEM));   \
-        rc |= paged_decode_##SFX(q, k_cache, v_cache, block_tables, context_lens, attn, M, num_heads,    \
-                                 num_kv_heads, head_dim, block_size, max_blocks, scale, num_threads);    \
+        if (nd)                                                                                          \
+            rc |= paged_decode_##SFX(q, k_cache, v_cache, at->decode_tables, at->decode_lens, attn, nd,   \
+                                     num_heads, num_kv_heads, head_dim, block_size, at->decode_max_blocks,\
+                                     scale, num_threads);                                                \
+        if (nd < M)                                                                                      \
+            rc |= paged_prefill_##SFX(q + (long)nd * q_size, k_cache, v_cache, at->prefill_tables,       \
+                                      at->query_start_loc, at->prefill_lens, attn + (long)nd * q_size,   \
+                                      at->num_prefills, num_heads, num_kv_heads, head_dim, block_size,   \
+                                      at->prefill_max_blocks, scale, num_threads);                       \
         rc |= linear_packed_##SFX(attn, wo, 0, hidden, M, H, q_size, num_threads);                     \
         rms_norm_##SFX(hidden, residual, ffn_norm, normed, res2, M, H, eps, num_threads);                \
         memcpy(residual, res2, sizeof(ELEM) * (long)M * H);                                              \
@@ -1235,39 +1257,38 @@ PACKED_LINEAR_MISSING(linear_packed_bf16, linear_silu_packed_bf16, uint16_t)
             rc |= fused;                                                                                 \
         }                                                                                                \
         rc |= linear_packed_##SFX(act, w2, 0, hidden, M, H, inter, num_threads);                       \
-        free(buf);                                                                                       \
         return rc;                                                                                       \
     }
 
-DEFINE_DECODE_LAYER(decode_layer_f32, float, f32)
-DEFINE_DECODE_LAYER(decode_layer_bf16, uint16_t, bf16)
-
-// ---------------------------------------------------------------------------
-// Every decoder layer of a decode step, then the final norm, in one
-// call: the per-layer Python dispatch is the rest of what a batch-1 step of a
-// small model spends beside streaming its weights. Per-layer tensors arrive as
-// arrays of addresses (index = layer). `hidden` [M, H] holds the embeddings on
-// entry and the final normed hidden states on return.
-
-#define DEFINE_DECODE_MODEL(NAME, ELEM, SFX)                                                            \
+#define DEFINE_DECODER_STACK(NAME, ELEM, SFX)                                                           \
+    DEFINE_STEP_LAYER(ELEM, SFX)                                                                        \
     int NAME(ELEM* hidden, int num_layers, const int64_t* positions, const int64_t* slots,              \
-             const int32_t* block_tables, const int32_t* context_lens, int max_blocks, const float* rope,\
+             const int32_t* decode_tables, const int32_t* decode_lens, int decode_max_blocks,           \
+             int num_decodes, const int32_t* prefill_tables, const int64_t* query_start_loc,            \
+             const int32_t* prefill_lens, int prefill_max_blocks, int num_prefills, const float* rope,  \
              const int64_t* attn_norm, const int64_t* wqkv, const int64_t* bqkv, const int64_t* wo,      \
              const int64_t* ffn_norm, const int64_t* w13, const int64_t* w2, const int64_t* k_cache,     \
              const int64_t* v_cache, const ELEM* final_norm, int M, int H, int num_heads,                \
              int num_kv_heads, int head_dim, int inter, int block_size, float eps, float scale,          \
              int num_threads) {                                                                          \
-        ELEM* residual = malloc(sizeof(ELEM) * 2 * (long)M * H);                                         \
-        if (!residual) return 2;                                                                         \
-        ELEM* normed = residual + (long)M * H;                                                           \
+        if (num_decodes < M && head_dim != 64 && head_dim != 128) return 2;                             \
+        const StepAttention at = {decode_tables, decode_lens, decode_max_blocks, num_decodes,           \
+                                  prefill_tables, query_start_loc, prefill_lens, prefill_max_blocks,     \
+                                  num_prefills};                                                         \
+        const int q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;                      \
+        /* residual, normed, then one layer's scratch, allocated once for the whole stack */            \
+        const long layer_need = (long)M * (H + q_size + 2 * kv_size + q_size + kv_size + q_size + H + 3 * inter); \
+        ELEM* residual = malloc(sizeof(ELEM) * (2 * (long)M * H + layer_need));                          \
+        if (!residual) return 1;                                                                         \
+        ELEM *normed = residual + (long)M * H, *buf = normed + (long)M * H;                              \
         int rc = 0;                                                                                      \
         for (int l = 0; l < num_layers && rc == 0; l++)                                                  \
-            rc = decode_layer_##SFX(hidden, residual, l == 0, positions, slots, block_tables,            \
-                                    context_lens, max_blocks, rope, (const ELEM*)attn_norm[l],          \
-                                    (const ELEM*)wqkv[l], (const ELEM*)bqkv[l], (const ELEM*)wo[l],     \
-                                    (const ELEM*)ffn_norm[l], (const ELEM*)w13[l], (const ELEM*)w2[l],  \
-                                    (ELEM*)k_cache[l], (ELEM*)v_cache[l], M, H, num_heads,              \
-                                    num_kv_heads, head_dim, inter, block_size, eps, scale, num_threads); \
+            rc = step_layer_##SFX(hidden, residual, l == 0, positions, slots, &at, rope,                 \
+                                  (const ELEM*)attn_norm[l], (const ELEM*)wqkv[l], (const ELEM*)bqkv[l], \
+                                  (const ELEM*)wo[l], (const ELEM*)ffn_norm[l], (const ELEM*)w13[l],    \
+                                  (const ELEM*)w2[l], (ELEM*)k_cache[l], (ELEM*)v_cache[l], buf, M, H,  \
+                                  num_heads, num_kv_heads, head_dim, inter, block_size, eps, scale,     \
+                                  num_threads);                                                          \
         if (rc == 0) {                                                                                   \
             rms_norm_##SFX(hidden, residual, final_norm, normed, residual, M, H, eps, num_threads);      \
             memcpy(hidden, normed, sizeof(ELEM) * (long)M * H);                                          \
@@ -1276,5 +1297,5 @@ DEFINE_DECODE_LAYER(decode_layer_bf16, uint16_t, bf16)
         return rc;                                                                                       \
     }
 
-DEFINE_DECODE_MODEL(decode_model_f32, float, f32)
-DEFINE_DECODE_MODEL(decode_model_bf16, uint16_t, bf16)
+DEFINE_DECODER_STACK(decoder_stack_f32, float, f32)
+DEFINE_DECODER_STACK(decoder_stack_bf16, uint16_t, bf16)
