@@ -190,6 +190,13 @@ def test_smollm2_chat_knows_paris(server):
 # ---- disconnects, status ---------------------------------------------------------------
 
 
+def test_replicas_froze_their_startup_heap(server):
+    """A full GC collection in a replica would walk Ray's, Serve's and torch's objects with the
+    GIL held; the replica freezes them once its engine is warm (freeze_startup_heap)."""
+    for app in ("shardline", "tight"):
+        assert all(s["gc_frozen"] > 10_000 for s in replica_stats(app))
+
+
 def test_client_disconnect_mid_stream_frees_blocks(server):
     before = replica_stats("shardline")[0]
     with httpx.Client(timeout=60) as c:
