@@ -40,6 +40,9 @@ from deployments.tensor_parallel import rank_bundles
 
 SCHEDULED_ROUTER = "deployments.serve_router:ScheduledRequestRouter"
 
+# A resource only the head node has (ray._common.constants.HEAD_NODE_RESOURCE_NAME).
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+
 
 def freeze_startup_heap() -> int:
     """Put everything alive after start-up out of the cyclic GC's reach, as vLLM's engine does;
@@ -53,8 +56,6 @@ def freeze_startup_heap() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
-# A resource only the head node has (ray._common.constants.HEAD_NODE_RESOURCE_NAME).
-HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 
 class ServeModelReplica(ModelReplica):

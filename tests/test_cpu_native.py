@@ -192,6 +192,27 @@ def test_linear_beyond_small_m_matches_torch():
     torch.testing.assert_close(cpu_native.linear(xb, wb).float(), torch.nn.functional.linear(xb, wb).float(), atol=0.1, rtol=0.02)
 
 
+def packed_step(tables, decode_lens, chunks, block_size):
+    """Positions and AttentionMetadata of a step packed as the engine packs it: one token for each
+    context length in decode_lens (sequences 0..), then a (cached prefix, new tokens) chunk per
+    prefill (the next sequences); `tables` holds every sequence's blocks in that order."""
+    nd = len(decode_lens)
+    positions = torch.cat(
+        [torch.tensor(decode_lens, dtype=torch.int64) - 1] + [torch.arange(p, p + n) for p, n in chunks]
+    )
+    seq = torch.cat([torch.arange(nd)] + [torch.full((n,), nd + i) for i, (_, n) in enumerate(chunks)])
+    meta = kernels.AttentionMetadata(
+        slot_mapping=tables[seq, positions // block_size].to(torch.int64) * block_size + positions % block_size,
+        num_decode_tokens=nd,
+        decode_block_tables=tables[:nd],
+        decode_context_lens=torch.tensor(decode_lens, dtype=torch.int32),
+        prefill_block_tables=tables[nd:],
+        prefill_query_start_loc=torch.tensor([0] + list(itertools.accumulate(n for _, n in chunks)), dtype=torch.int32),
+        prefill_context_lens=torch.tensor([p + n for p, n in chunks], dtype=torch.int32),
+    )
+    return positions, meta
+
+
 def stack_case(dtype, head_dim, bias, decode_lens, chunks, num_layers=2, seed=6):
     """Random weights for a small stack, its caches, and a packed step: one token for each
     context length in decode_lens, then a (cached prefix, new tokens) chunk per prefill.
@@ -209,21 +230,7 @@ def stack_case(dtype, head_dim, bias, decode_lens, chunks, num_layers=2, seed=6)
     num_blocks = max_blocks * len(lens) + 4
     # Disjoint block tables: no two sequences write the same slot.
     tables = torch.randperm(num_blocks, generator=g)[: max_blocks * len(lens)].view(len(lens), max_blocks).to(torch.int32)
-    nd = len(decode_lens)
-    positions = torch.cat(
-        [torch.tensor(decode_lens, dtype=torch.int64) - 1] + [torch.arange(p, p + n) for p, n in chunks]
-    )
-    seq = torch.cat([torch.arange(nd)] + [torch.full((n,), nd + i) for i, (_, n) in enumerate(chunks)])
-    slots = tables[seq, positions // block_size].to(torch.int64) * block_size + positions % block_size
-    meta = kernels.AttentionMetadata(
-        slot_mapping=slots,
-        num_decode_tokens=nd,
-        decode_block_tables=tables[:nd],
-        decode_context_lens=torch.tensor(decode_lens, dtype=torch.int32),
-        prefill_block_tables=tables[nd:],
-        prefill_query_start_loc=torch.tensor([0] + list(itertools.accumulate(n for _, n in chunks)), dtype=torch.int32),
-        prefill_context_lens=torch.tensor([p + n for p, n in chunks], dtype=torch.int32),
-    )
+    positions, meta = packed_step(tables, decode_lens, chunks, block_size)
     layers = []
     for _ in range(num_layers):
         cache = r(num_blocks, block_size, kv_heads, head_dim, scale=1.0), r(num_blocks, block_size, kv_heads, head_dim, scale=1.0)
@@ -271,7 +278,7 @@ def test_decoder_stack_decodes_match_the_reference(dtype, num_seqs, bias):
     64-row block); head_dim 8 takes the generic decode attention."""
     if not cpu_native.packed_supported(dtype):
         pytest.skip(f"no packed matmul for {dtype} on this machine (the engine runs layer by layer)")
-    case = stack_case(dtype, 8, bias, decode_lens=[5, 9, 1, 13] * (num_seqs // 4) + [5, 9, 1, 13][: num_seqs % 4], chunks=[])
+    case = stack_case(dtype, 8, bias, decode_lens=([5, 9, 1, 13] * num_seqs)[:num_seqs], chunks=[])
     assert_stacks_agree(dtype, *case)
 
 
@@ -326,19 +333,8 @@ def test_decoder_stack_is_the_modular_forward_bit_for_bit(model_factory):
         native, modular, ref = models
         modular.fused_stack = False
         ids = torch.tensor([3, 17, 99, 5, 6, 7, 8, 9, 10, 11])
-        tables = torch.arange(20, dtype=torch.int32).view(5, 4)
-        decode_lens = torch.tensor([6, 11, 3], dtype=torch.int32)
-        positions = torch.cat([(decode_lens - 1).long(), torch.arange(4), torch.arange(5, 8)])
-        seq = torch.tensor([0, 1, 2, 3, 3, 3, 3, 4, 4, 4])
-        meta = kernels.AttentionMetadata(
-            slot_mapping=tables[seq, positions // 4].long() * 4 + positions % 4,
-            num_decode_tokens=3,
-            decode_block_tables=tables[:3],
-            decode_context_lens=decode_lens,
-            prefill_block_tables=tables[3:],
-            prefill_query_start_loc=torch.tensor([0, 4, 7], dtype=torch.int32),
-            prefill_context_lens=torch.tensor([4, 8], dtype=torch.int32),
-        )
+        # three decodes (contexts 6, 11, 3), then a fresh 4-token prompt and 3 tokens after 5 cached
+        positions, meta = packed_step(torch.arange(20, dtype=torch.int32).view(5, 4), [6, 11, 3], [(0, 4), (5, 3)], 4)
         assert native.runs_natively(with_prefill=True) and not modular.runs_natively(with_prefill=True)
         with torch.inference_mode():
             got, layered = native(ids, positions, meta), modular(ids, positions, meta)

@@ -1210,6 +1210,12 @@ typedef struct {
     int prefill_max_blocks, num_prefills;
 } StepAttention;
 
+// Elements of one layer's scratch (step_layer_* carves it in this order): normed [M, H], qkv,
+// q, k, attn, the residual sum [M, H], gate/up [M, 2 * inter] and their product [M, inter].
+static long step_scratch_elems(int M, int H, int q_size, int kv_size, int inter) {
+    return (long)M * (H + (q_size + 2 * kv_size) + q_size + kv_size + q_size + H + 2 * inter + inter);
+}
+
 #define DEFINE_STEP_LAYER(ELEM, SFX)                                                                    \
     static int step_layer_##SFX(ELEM* hidden, ELEM* residual, int first, const int64_t* positions,       \
                                 const int64_t* slots, const StepAttention* at, const float* rope,        \
@@ -1275,12 +1281,11 @@ typedef struct {
         const StepAttention at = {decode_tables, decode_lens, decode_max_blocks, num_decodes,           \
                                   prefill_tables, query_start_loc, prefill_lens, prefill_max_blocks,     \
                                   num_prefills};                                                         \
-        const int q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;                      \
-        /* residual, normed, then one layer's scratch, allocated once for the whole stack */            \
-        const long layer_need = (long)M * (H + q_size + 2 * kv_size + q_size + kv_size + q_size + H + 3 * inter); \
-        ELEM* residual = malloc(sizeof(ELEM) * (2 * (long)M * H + layer_need));                          \
+        /* the residual stream, then one layer's scratch, allocated once for the whole stack */         \
+        const long need = step_scratch_elems(M, H, num_heads * head_dim, num_kv_heads * head_dim, inter); \
+        ELEM* residual = malloc(sizeof(ELEM) * ((long)M * H + need));                                    \
         if (!residual) return 1;                                                                         \
-        ELEM *normed = residual + (long)M * H, *buf = normed + (long)M * H;                              \
+        ELEM* buf = residual + (long)M * H;                                                              \
         int rc = 0;                                                                                      \
         for (int l = 0; l < num_layers && rc == 0; l++)                                                  \
             rc = step_layer_##SFX(hidden, residual, l == 0, positions, slots, &at, rope,                 \
@@ -1290,8 +1295,8 @@ typedef struct {
                                   num_heads, num_kv_heads, head_dim, inter, block_size, eps, scale,     \
                                   num_threads);                                                          \
         if (rc == 0) {                                                                                   \
-            rms_norm_##SFX(hidden, residual, final_norm, normed, residual, M, H, eps, num_threads);      \
-            memcpy(hidden, normed, sizeof(ELEM) * (long)M * H);                                          \
+            rms_norm_##SFX(hidden, residual, final_norm, buf, residual, M, H, eps, num_threads);         \
+            memcpy(hidden, buf, sizeof(ELEM) * (long)M * H);                                             \
         }                                                                                                \
         free(residual);                                                                                  \
         return rc;                                                                                       \
