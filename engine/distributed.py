@@ -30,6 +30,7 @@ from engine.model import AttentionMetadata, Transformer
 from engine.shm_comm import SharedMemoryComm
 from engine.tensor_parallel import ParallelContext, apply_tensor_parallel
 from engine.weights import build_model
+from kernels.step import select_rows
 
 # Header: [command, num_tokens, num_decodes, decode_width, num_prefills, prefill_width, num_sample_rows, 0]
 _HEADER = 8
@@ -131,11 +132,17 @@ class StepBroadcaster:
 
 
 def run_step(model: Transformer, inp: StepInput) -> torch.Tensor | None:
-    """The model's part of a step, identical on every rank: fp32 logits of the sample rows."""
-    hidden = model(inp.input_ids, inp.positions, inp.meta)
+    """The model's part of a step, identical on every rank: fp32 logits of the sample rows.
+
+    Only the sample rows' hidden states are read, so the last layer runs past
+    its K/V for them alone (`select_rows`; a decode step samples every row).
+    """
+    rows = inp.sample_rows
+    out = None if rows.numel() == inp.input_ids.numel() else select_rows(inp.meta, rows)
+    hidden = model(inp.input_ids, inp.positions, inp.meta, out)
     if inp.sample_rows.numel() == 0:
         return None  # every rank skips the logits all-gather together
-    return model.compute_logits(hidden[inp.sample_rows])
+    return model.compute_logits(hidden)
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch.nn as nn
 import kernels
 from engine.config import ModelConfig
 from engine.memory import hugepage_zeros
-from kernels.step import AttentionMetadata
+from kernels.step import AttentionMetadata, OutputRows
 
 
 def build_rope_cache(
@@ -96,17 +96,21 @@ class Transformer(nn.Module):
                 attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
                 attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions: [num_tokens]. Returns final hidden states [num_tokens, hidden]."""
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, out: OutputRows | None = None
+    ) -> torch.Tensor:
+        """input_ids, positions: [num_tokens]. Returns final hidden states [num_tokens, hidden], or
+        only those of `out`'s rows (the last layer then runs past its K/V for those rows alone)."""
         h = self.tok_embeddings(input_ids)
         if self.runs_natively(with_prefill=meta.num_decode_tokens < input_ids.shape[0]):
             # The whole stack in one kernel call instead of about ten per layer. SmolLM2 bf16: a
             # tenth off a 64-sequence decode step; a 128-token prefill pass 78.7 -> 73.4 ms, a
             # 512-token one 333 -> 328 (medians of 10-20, alternating).
-            return kernels.decoder_stack(h, positions, meta, self.rope_cache, self.stack_weights())
+            return kernels.decoder_stack(h, positions, meta, self.rope_cache, self.stack_weights(), out)
         residual = None
-        for layer in self.layers:
-            h, residual = layer(h, residual, positions, self.rope_cache, meta)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            h, residual = layer(h, residual, positions, self.rope_cache, meta, out if i == last else None)
         h, _ = self.norm(h, residual)
         return h
 
@@ -161,9 +165,12 @@ class TransformerBlock(nn.Module):
         positions: torch.Tensor,
         rope_cache: torch.Tensor,
         meta: AttentionMetadata,
+        out: OutputRows | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         h, residual = self.attention_norm(h, residual)
-        h = self.attention(h, positions, rope_cache, meta)
+        h = self.attention(h, positions, rope_cache, meta, out)
+        if out is not None:
+            residual = residual[out.rows]
         h, residual = self.ffn_norm(h, residual)
         return self.feed_forward(h), residual
 
@@ -181,8 +188,14 @@ class Attention(nn.Module):
         self.v_cache: torch.Tensor | None = None
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rope_cache: torch.Tensor, meta: AttentionMetadata
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        out: OutputRows | None = None,
     ) -> torch.Tensor:
+        """Every row's K/V into the cache; attention output for every row, or `out`'s rows only."""
         num_tokens = x.shape[0]
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -195,9 +208,11 @@ class Attention(nn.Module):
         # Write this step's K/V into their slots before attending: a sequence's
         # queries read their own new keys from the cache like any cached ones.
         kernels.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if out is not None:
+            q, meta, num_tokens = q[out.rows], out.meta, out.rows.numel()
 
-        out = kernels.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
-        return self.wo(out.view(num_tokens, q_size))
+        attn = kernels.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
+        return self.wo(attn.view(num_tokens, q_size))
 
 
 class FeedForward(nn.Module):

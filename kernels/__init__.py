@@ -15,7 +15,7 @@ import torch
 
 from kernels import cpu_native, quant, reference
 from kernels.dispatch import register, resolve
-from kernels.step import AttentionMetadata, LayerWeights, StackWeights, split_attention
+from kernels.step import AttentionMetadata, LayerWeights, OutputRows, StackWeights, select_rows, split_attention
 
 
 def _lazy_triton(module: str, name: str) -> Callable:
@@ -162,11 +162,13 @@ def decoder_stack(
     meta: AttentionMetadata,
     rope_cache: torch.Tensor,
     stack: StackWeights,
+    out: OutputRows | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """Every decoder layer of a packed step plus the final norm (natively: one call per step)."""
+    """Every decoder layer of a packed step plus the final norm (natively: one call per step);
+    the hidden states of `out`'s rows only when given, the last layer run for those rows alone."""
     fn = resolve("decoder_stack", impl, hidden.device)
-    return fn(hidden, positions, meta, rope_cache, stack)
+    return fn(hidden, positions, meta, rope_cache, stack, out)
 
 
 def silu_and_mul(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
@@ -210,6 +212,8 @@ __all__ = [
     "stack_supported",
     "decoder_stack",
     "AttentionMetadata",
+    "OutputRows",
+    "select_rows",
     "LayerWeights",
     "StackWeights",
     "silu_and_mul",

@@ -43,6 +43,22 @@ def _cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "shardline" / "kernels"
 
 
+class StepAttention(ctypes.Structure):
+    """kernels/csrc/cpu_kernels.c's StepAttention: how a step's rows attend (AttentionMetadata's tensors)."""
+
+    _fields_ = [
+        ("decode_tables", ctypes.c_void_p),
+        ("decode_lens", ctypes.c_void_p),
+        ("decode_max_blocks", ctypes.c_int),
+        ("num_decodes", ctypes.c_int),
+        ("prefill_tables", ctypes.c_void_p),
+        ("query_start_loc", ctypes.c_void_p),
+        ("prefill_lens", ctypes.c_void_p),
+        ("prefill_max_blocks", ctypes.c_int),
+        ("num_prefills", ctypes.c_int),
+    ]
+
+
 def _build() -> ctypes.CDLL:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
@@ -88,7 +104,8 @@ def _build() -> ctypes.CDLL:
         fn.argtypes = [i, i]
         fn.restype = ctypes.c_long
         fn = getattr(lib, f"decoder_stack_{suffix}")
-        fn.argtypes = [p, i] + [p] * 4 + [i, i] + [p] * 3 + [i, i] + [p] * 11 + [i] * 7 + [f, f, i]
+        at = ctypes.POINTER(StepAttention)
+        fn.argtypes = [p, i, p, p, at, p, i, at, p] + [p] * 10 + [i] * 7 + [f, f, i]
         fn.restype = ctypes.c_int
     return lib
 
@@ -474,29 +491,48 @@ def _packed_ptr(weight: torch.Tensor) -> int:
     return packed.data_ptr()
 
 
-def decoder_stack(hidden: torch.Tensor, positions: torch.Tensor, meta, rope_cache: torch.Tensor, stack) -> torch.Tensor:
-    """Same contract as kernels.reference.decoder_stack, in one native call."""
-    num_tokens, hidden_size = hidden.shape
-    w0 = stack.layers[0]
-    out = hidden.contiguous().clone()
-    pos, slots = _int_tensor(positions, torch.int64), _int_tensor(meta.slot_mapping, torch.int64)
+def _step_attention(meta) -> tuple[StepAttention, tuple[torch.Tensor, ...]]:
+    """The struct for `meta`, and the tensors it points into (keep them alive for the call)."""
     d_tables, d_lens = _int_tensor(meta.decode_block_tables, torch.int32), _int_tensor(meta.decode_context_lens, torch.int32)
     p_tables, p_lens = _int_tensor(meta.prefill_block_tables, torch.int32), _int_tensor(meta.prefill_context_lens, torch.int32)
     p_starts = _int_tensor(meta.prefill_query_start_loc, torch.int64)
-    rc = _kernel("decoder_stack", hidden.dtype)(
-        out.data_ptr(),
-        len(stack.layers),
-        pos.data_ptr(),
-        slots.data_ptr(),
+    at = StepAttention(
         d_tables.data_ptr(),
         d_lens.data_ptr(),
-        d_tables.shape[1],
+        d_tables.shape[1] if d_tables.dim() == 2 else 0,
         meta.num_decode_tokens,
         p_tables.data_ptr(),
         p_starts.data_ptr(),
         p_lens.data_ptr(),
-        p_tables.shape[1],
+        p_tables.shape[1] if p_tables.dim() == 2 else 0,
         p_lens.shape[0],
+    )
+    return at, (d_tables, d_lens, p_tables, p_lens, p_starts)
+
+
+def decoder_stack(
+    hidden: torch.Tensor, positions: torch.Tensor, meta, rope_cache: torch.Tensor, stack, out=None
+) -> torch.Tensor:
+    """Same contract as kernels.reference.decoder_stack, in one native call."""
+    num_tokens, hidden_size = hidden.shape
+    w0 = stack.layers[0]
+    states = hidden.contiguous().clone()
+    pos, slots = _int_tensor(positions, torch.int64), _int_tensor(meta.slot_mapping, torch.int64)
+    at, alive = _step_attention(meta)
+    if out is None:
+        rows, out_at, out_alive, num_out = None, None, (), num_tokens
+    else:
+        rows = _int_tensor(out.rows, torch.int64)
+        (out_at, out_alive), num_out = _step_attention(out.meta), rows.numel()
+    rc = _kernel("decoder_stack", hidden.dtype)(
+        states.data_ptr(),
+        len(stack.layers),
+        pos.data_ptr(),
+        slots.data_ptr(),
+        ctypes.byref(at),
+        None if rows is None else rows.data_ptr(),
+        num_out,
+        None if out_at is None else ctypes.byref(out_at),
         rope_cache.data_ptr(),
         *(a.data_ptr() for a in _stack_addresses(stack)),
         stack.final_norm.data_ptr(),
@@ -513,4 +549,4 @@ def decoder_stack(hidden: torch.Tensor, positions: torch.Tensor, meta, rope_cach
     )
     if rc != 0:
         raise RuntimeError(f"native decoder_stack failed (status {rc})")
-    return out
+    return states[:num_out]

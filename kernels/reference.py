@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.step import AttentionMetadata, LayerWeights, StackWeights, split_attention
+from kernels.step import AttentionMetadata, LayerWeights, OutputRows, StackWeights, split_attention
 
 
 def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
@@ -178,12 +178,14 @@ def decoder_layer(
     meta: AttentionMetadata,
     rope_cache: torch.Tensor,
     w: LayerWeights,
+    out: OutputRows | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One whole decoder layer for a packed step (decodes first, then prefill chunks), built from the kernels above.
 
     hidden: [num_tokens, hidden] (the previous layer's output); residual: the
     residual stream, or None before the first layer. Writes this step's K/V
-    into the caches. Returns (this layer's output, the residual stream).
+    into the caches. Returns (this layer's output, the residual stream), for
+    the rows of `out` only when given (the last layer).
     """
     num_tokens = hidden.shape[0]
     if residual is None:
@@ -197,6 +199,8 @@ def decoder_layer(
     v = v.view(num_tokens, w.num_kv_heads, w.head_dim)
     q, k = apply_rotary_emb(q, k, positions, rope_cache)
     write_kv_cache(k, v, w.k_cache, w.v_cache, meta.slot_mapping)
+    if out is not None:
+        q, residual, meta, num_tokens = q[out.rows], residual[out.rows], out.meta, out.rows.numel()
     attn = split_attention(paged_attention_decode, paged_attention_prefill, q, w.k_cache, w.v_cache, meta, w.scale)
     hidden = linear(attn.view(num_tokens, q_size), w.wo)
     normed, residual = fused_add_rms_norm(hidden, residual, w.ffn_norm, w.eps)
@@ -204,10 +208,17 @@ def decoder_layer(
 
 
 def decoder_stack(
-    hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, rope_cache: torch.Tensor, stack: StackWeights
+    hidden: torch.Tensor,
+    positions: torch.Tensor,
+    meta: AttentionMetadata,
+    rope_cache: torch.Tensor,
+    stack: StackWeights,
+    out: OutputRows | None = None,
 ) -> torch.Tensor:
-    """Every decoder layer of a step, then the final norm: embeddings in, normed hidden states out."""
+    """Every decoder layer of a step, then the final norm: embeddings in, normed hidden states out
+    (every row's, or `out`'s rows only)."""
     residual = None
-    for w in stack.layers:
-        hidden, residual = decoder_layer(hidden, residual, positions, meta, rope_cache, w)
+    last = len(stack.layers) - 1
+    for i, w in enumerate(stack.layers):
+        hidden, residual = decoder_layer(hidden, residual, positions, meta, rope_cache, w, out if i == last else None)
     return fused_add_rms_norm(hidden, residual, stack.final_norm, stack.layers[0].eps)[0]

@@ -299,6 +299,61 @@ def test_decoder_stack_with_prefill_matches_the_reference(dtype, head_dim, decod
     assert_stacks_agree(dtype, *stack_case(dtype, head_dim, True, decode_lens, chunks))
 
 
+def test_select_rows_queries_each_kept_prefill_row_alone():
+    """The last layer's rows as a step of their own: kept decodes stay decodes; a kept prefill
+    row is a one-query chunk over its sequence's blocks, with its own position's context."""
+    tables = torch.arange(20, dtype=torch.int32).view(5, 4)
+    # rows 0-2: decodes (contexts 6, 11, 3); 3-6: a fresh prompt (positions 0-3); 7-9: positions 5-7
+    _, meta = packed_step(tables, [6, 11, 3], [(0, 4), (5, 3)], 4)
+    out = kernels.select_rows(meta, torch.tensor([0, 2, 6, 9]))
+    m = out.meta
+    assert out.rows.tolist() == [0, 2, 6, 9] and m.num_decode_tokens == 2
+    assert torch.equal(m.decode_block_tables, tables[[0, 2]]) and m.decode_context_lens.tolist() == [6, 3]
+    assert torch.equal(m.prefill_block_tables, tables[[3, 4]])
+    assert m.prefill_query_start_loc.tolist() == [0, 1, 2] and m.prefill_context_lens.tolist() == [4, 8]
+    assert torch.equal(m.slot_mapping, meta.slot_mapping[[0, 2, 6, 9]])
+    assert kernels.select_rows(meta, torch.tensor([4])).meta.prefill_context_lens.tolist() == [2]  # position 1
+    none = kernels.select_rows(meta, torch.tensor([], dtype=torch.int64)).meta
+    assert none.num_decode_tokens == 0 and none.prefill_query_start_loc.tolist() == [0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "head_dim, decode_lens, chunks, rows",
+    [
+        (64, [], [(0, 37)], [36]),  # a prompt's last row
+        (64, [7, 1, 30], [(0, 17), (12, 40)], [0, 1, 2, 19, 59]),  # decodes and the chunks' ends
+        (64, [], [(0, 20), (9, 16), (0, 3)], [5, 19, 35]),  # any rows, a full tile's last among them
+        (128, [5], [(4, 70)], [0, 70]),
+        (8, [5, 9, 1, 13], [], [1, 3]),  # a decode step's subset
+        (64, [], [(0, 20)], []),  # none read: a chunk that ends short of its prompt
+    ],
+)
+def test_decoder_stack_runs_the_last_layer_for_the_rows_read(dtype, head_dim, decode_lens, chunks, rows):
+    """With OutputRows the stack returns those rows' final states: the full step's rows (within
+    the attention's rounding: a row queried alone may take the row-at-a-time kernel where its
+    tile took the transposed one) and the reference's; every row's K/V is written as before."""
+    if not cpu_native.stack_supported(dtype, head_dim, with_prefill=bool(chunks)):
+        pytest.skip(f"no native stack for {dtype} here")
+    native, ref, x, positions, meta, rope = stack_case(dtype, head_dim, True, decode_lens, chunks)
+    before = [(w.k_cache.clone(), w.v_cache.clone()) for w in native.layers]
+    full = cpu_native.decoder_stack(x, positions, meta, rope, native)
+    full_caches = [(w.k_cache.clone(), w.v_cache.clone()) for w in native.layers]
+    for w, (k, v) in zip(native.layers, before):
+        w.k_cache.copy_(k)
+        w.v_cache.copy_(v)
+    out = kernels.select_rows(meta, torch.tensor(rows, dtype=torch.int64))
+    got = cpu_native.decoder_stack(x, positions, meta, rope, native, out)
+    assert got.shape == (len(rows), x.shape[1])
+    for w, (k, v) in zip(native.layers, full_caches):
+        assert torch.equal(w.k_cache, k) and torch.equal(w.v_cache, v)
+    tight = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
+    torch.testing.assert_close(got, full[out.rows], **tight)
+    expected = reference.decoder_stack(x, positions, meta, rope, ref, out)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    torch.testing.assert_close(got, expected, **tol)
+
+
 def test_the_native_stack_declines_prefill_it_has_no_attention_for():
     """A prefill row of head_dim 8 has no native attention: stack_supported says so, and the
     kernel answers status 2 rather than a wrong result."""
@@ -343,6 +398,11 @@ def test_decoder_stack_is_the_modular_forward_bit_for_bit(model_factory):
         for a, b in zip(native.layers, modular.layers):
             assert torch.equal(a.attention.k_cache, b.attention.k_cache)
         torch.testing.assert_close(got, expected, **tol)
+        # the rows that sample (decodes, the chunks' ends): the last layer runs for them alone
+        out = kernels.select_rows(meta, torch.tensor([0, 1, 2, 6, 9]))
+        with torch.inference_mode():
+            got, layered = native(ids, positions, meta, out), modular(ids, positions, meta, out)
+        assert got.shape == (5, 256) and torch.equal(got, layered)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1197,6 +1197,10 @@ PACKED_LINEAR_MISSING(linear_packed_bf16, linear_silu_packed_bf16, uint16_t)
 // The four projections arrive packed (pack_weight_*), for linear_packed_*;
 // per-layer tensors as arrays of addresses (index = layer). `hidden` [M, H]
 // holds the embeddings on entry and the final normed hidden states on return.
+// With out_rows (ascending, num_out of them; kernels/step.py OutputRows), the
+// last layer writes every row's K/V, then goes on with those rows alone,
+// attending as out_at says, and the first num_out rows of `hidden` return
+// their states: the rows no one reads skip a layer's attention and MLP.
 // Returns 2 where the prefill attention has no native kernel (head_dim not 64
 // or 128: the caller checks first), 1 if scratch allocation fails.
 
@@ -1218,14 +1222,15 @@ static long step_scratch_elems(int M, int H, int q_size, int kv_size, int inter)
 
 #define DEFINE_STEP_LAYER(ELEM, SFX)                                                                    \
     static int step_layer_##SFX(ELEM* hidden, ELEM* residual, int first, const int64_t* positions,       \
-                                const int64_t* slots, const StepAttention* at, const float* rope,        \
+                                const int64_t* slots, const StepAttention* at, const int64_t* out_rows,  \
+                                int num_out, const StepAttention* out_at, const float* rope,             \
                                 const ELEM* attn_norm, const ELEM* wqkv, const ELEM* bqkv, const ELEM* wo, \
                                 const ELEM* ffn_norm, const ELEM* w13, const ELEM* w2, ELEM* k_cache,   \
                                 ELEM* v_cache, ELEM* buf, int M, int H, int num_heads, int num_kv_heads, \
                                 int head_dim, int inter, int block_size, float eps, float scale,        \
                                 int num_threads) {                                                       \
         const int q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;                      \
-        const int qkv_size = q_size + 2 * kv_size, nd = at->num_decodes;                                 \
+        const int qkv_size = q_size + 2 * kv_size;                                                       \
         ELEM *normed = buf, *qkv = normed + (long)M * H, *q = qkv + (long)M * qkv_size;                  \
         ELEM *k = q + (long)M * q_size, *attn = k + (long)M * kv_size, *res2 = attn + (long)M * q_size;  \
         ELEM *gu = res2 + (long)M * H, *act = gu + (long)M * 2 * inter;                                  \
@@ -1243,6 +1248,16 @@ static long step_scratch_elems(int M, int H, int q_size, int kv_size, int inter)
         const long row_bytes = (long)kv_size * sizeof(ELEM);                                             \
         write_kv_cache((const char*)k, (const char*)(qkv + q_size + kv_size), (char*)k_cache,           \
                        (char*)v_cache, slots, M, row_bytes, row_bytes, (long)qkv_size * sizeof(ELEM));   \
+        if (out_rows) { /* every row's K/V is written; only out_rows go on (ascending: moved in place) */ \
+            for (int i = 0; i < num_out; i++) {                                                          \
+                memmove(q + (long)i * q_size, q + out_rows[i] * q_size, sizeof(ELEM) * q_size);          \
+                memmove(residual + (long)i * H, residual + out_rows[i] * H, sizeof(ELEM) * H);           \
+            }                                                                                            \
+            at = out_at;                                                                                 \
+            M = num_out;                                                                                 \
+            if (M == 0) return rc;                                                                       \
+        }                                                                                                \
+        const int nd = at->num_decodes;                                                                  \
         if (nd)                                                                                          \
             rc |= paged_decode_##SFX(q, k_cache, v_cache, at->decode_tables, at->decode_lens, attn, nd,   \
                                      num_heads, num_kv_heads, head_dim, block_size, at->decode_max_blocks,\
@@ -1269,18 +1284,14 @@ static long step_scratch_elems(int M, int H, int q_size, int kv_size, int inter)
 #define DEFINE_DECODER_STACK(NAME, ELEM, SFX)                                                           \
     DEFINE_STEP_LAYER(ELEM, SFX)                                                                        \
     int NAME(ELEM* hidden, int num_layers, const int64_t* positions, const int64_t* slots,              \
-             const int32_t* decode_tables, const int32_t* decode_lens, int decode_max_blocks,           \
-             int num_decodes, const int32_t* prefill_tables, const int64_t* query_start_loc,            \
-             const int32_t* prefill_lens, int prefill_max_blocks, int num_prefills, const float* rope,  \
+             const StepAttention* at, const int64_t* out_rows, int num_out, const StepAttention* out_at,  \
+             const float* rope,                                                                          \
              const int64_t* attn_norm, const int64_t* wqkv, const int64_t* bqkv, const int64_t* wo,      \
              const int64_t* ffn_norm, const int64_t* w13, const int64_t* w2, const int64_t* k_cache,     \
              const int64_t* v_cache, const ELEM* final_norm, int M, int H, int num_heads,                \
              int num_kv_heads, int head_dim, int inter, int block_size, float eps, float scale,          \
              int num_threads) {                                                                          \
-        if (num_decodes < M && head_dim != 64 && head_dim != 128) return 2;                             \
-        const StepAttention at = {decode_tables, decode_lens, decode_max_blocks, num_decodes,           \
-                                  prefill_tables, query_start_loc, prefill_lens, prefill_max_blocks,     \
-                                  num_prefills};                                                         \
+        if (at->num_decodes < M && head_dim != 64 && head_dim != 128) return 2;                         \
         /* the residual stream, then one layer's scratch, allocated once for the whole stack */         \
         const long need = step_scratch_elems(M, H, num_heads * head_dim, num_kv_heads * head_dim, inter); \
         ELEM* residual = malloc(sizeof(ELEM) * ((long)M * H + need));                                    \
@@ -1288,15 +1299,17 @@ static long step_scratch_elems(int M, int H, int q_size, int kv_size, int inter)
         ELEM* buf = residual + (long)M * H;                                                              \
         int rc = 0;                                                                                      \
         for (int l = 0; l < num_layers && rc == 0; l++)                                                  \
-            rc = step_layer_##SFX(hidden, residual, l == 0, positions, slots, &at, rope,                 \
+            rc = step_layer_##SFX(hidden, residual, l == 0, positions, slots, at,                        \
+                                  l == num_layers - 1 ? out_rows : 0, num_out, out_at, rope,             \
                                   (const ELEM*)attn_norm[l], (const ELEM*)wqkv[l], (const ELEM*)bqkv[l], \
                                   (const ELEM*)wo[l], (const ELEM*)ffn_norm[l], (const ELEM*)w13[l],    \
                                   (const ELEM*)w2[l], (ELEM*)k_cache[l], (ELEM*)v_cache[l], buf, M, H,  \
                                   num_heads, num_kv_heads, head_dim, inter, block_size, eps, scale,     \
                                   num_threads);                                                          \
         if (rc == 0) {                                                                                   \
-            rms_norm_##SFX(hidden, residual, final_norm, buf, residual, M, H, eps, num_threads);         \
-            memcpy(hidden, buf, sizeof(ELEM) * (long)M * H);                                             \
+            const int rows = out_rows ? num_out : M;                                                     \
+            rms_norm_##SFX(hidden, residual, final_norm, buf, residual, rows, H, eps, num_threads);      \
+            memcpy(hidden, buf, sizeof(ELEM) * (long)rows * H);                                          \
         }                                                                                                \
         free(residual);                                                                                  \
         return rc;                                                                                       \
