@@ -260,11 +260,16 @@ def stack_case(dtype, head_dim, bias, decode_lens, chunks, num_layers=2, seed=6)
     return native, ref, r(len(positions), hidden, scale=1.0), positions, meta, rope
 
 
+def reference_tolerance(dtype):
+    """How far the native stack may be from the torch reference (bf16 through two layers: the
+    native attention rounds P to bf16 for its P @ V)."""
+    return dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+
+
 def assert_stacks_agree(dtype, native, ref, x, positions, meta, rope):
     got = cpu_native.decoder_stack(x, positions, meta, rope, native)
     expected = reference.decoder_stack(x, positions, meta, rope, ref)
-    # bf16 through two layers: the native attention rounds P to bf16 for its P @ V
-    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    tol = reference_tolerance(dtype)
     torch.testing.assert_close(got, expected, **tol)
     for w_native, w_ref in zip(native.layers, ref.layers):  # the same K/V written to the same slots
         torch.testing.assert_close(w_native.k_cache, w_ref.k_cache, **tol)
@@ -350,8 +355,7 @@ def test_decoder_stack_runs_the_last_layer_for_the_rows_read(dtype, head_dim, de
     tight = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
     torch.testing.assert_close(got, full[out.rows], **tight)
     expected = reference.decoder_stack(x, positions, meta, rope, ref, out)
-    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
-    torch.testing.assert_close(got, expected, **tol)
+    torch.testing.assert_close(got, expected, **reference_tolerance(dtype))
 
 
 def test_the_native_stack_declines_prefill_it_has_no_attention_for():
@@ -373,7 +377,7 @@ def test_decoder_stack_is_the_modular_forward_bit_for_bit(model_factory):
     from engine.weights import build_model
 
     folder = model_factory(arch="qwen2", hidden_size=256, num_heads=4, num_kv_heads=2, with_tokenizer=False)  # head_dim 64
-    for dtype, tol in [(torch.float32, dict(atol=1e-4, rtol=1e-4)), (torch.bfloat16, dict(atol=0.1, rtol=0.05))]:
+    for dtype in (torch.float32, torch.bfloat16):
         if not cpu_native.stack_supported(dtype, 64, with_prefill=True):
             continue  # the engine runs layer by layer there
         models = []
@@ -397,7 +401,7 @@ def test_decoder_stack_is_the_modular_forward_bit_for_bit(model_factory):
         assert torch.equal(got, layered)
         for a, b in zip(native.layers, modular.layers):
             assert torch.equal(a.attention.k_cache, b.attention.k_cache)
-        torch.testing.assert_close(got, expected, **tol)
+        torch.testing.assert_close(got, expected, **reference_tolerance(dtype))
         # the rows that sample (decodes, the chunks' ends): the last layer runs for them alone
         out = kernels.select_rows(meta, torch.tensor([0, 1, 2, 6, 9]))
         with torch.inference_mode():
