@@ -140,7 +140,7 @@ def run_step(model: Transformer, inp: StepInput) -> torch.Tensor | None:
     rows = inp.sample_rows
     out = None if rows.numel() == inp.input_ids.numel() else select_rows(inp.meta, rows)
     hidden = model(inp.input_ids, inp.positions, inp.meta, out)
-    if inp.sample_rows.numel() == 0:
+    if rows.numel() == 0:
         return None  # every rank skips the logits all-gather together
     return model.compute_logits(hidden)
 
