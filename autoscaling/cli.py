@@ -6,7 +6,7 @@ simulates the trace against the calibrated replica cost model, finds the
 smallest static replica count that meets the SLO for `--attainment` of the
 requests, and then runs the queue-depth autoscaler (max replicas: that count
 plus one) on the same trace to say what it would spend in replica-hours.
-`cluster/cli.py` finds this module and calls `register`.
+`shardline/cli.py` finds this module and calls `register`.
 """
 
 from __future__ import annotations
@@ -61,10 +61,10 @@ def plan_capacity(
     price_per_replica_hour: float = 1.0,
 ) -> CapacityPlan:
     """Simulate the load statically and autoscaled; see the module doc."""
-    from autoscaling.calibration import load_calibration
-    from autoscaling.policy import QueueDepthConfig
-    from autoscaling.simulator import SLO, QueueDepthAutoscaler, min_static_replicas, simulate
-    from autoscaling.traces import make_trace
+    from shardline.autoscaling.calibration import load_calibration
+    from shardline.autoscaling.policy import QueueDepthConfig
+    from shardline.autoscaling.simulator import SLO, QueueDepthAutoscaler, min_static_replicas, simulate
+    from shardline.autoscaling.traces import make_trace
 
     if not 0 < attainment <= 1:
         raise ValueError(f"--attainment must be in (0, 1], got {attainment}")

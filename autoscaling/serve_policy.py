@@ -40,8 +40,8 @@ a request in a handle) scales to one replica at once, as this policy would.
 
 Use it in a deployment:
 
-    from autoscaling.policy import QueueDepthConfig
-    from autoscaling.serve_policy import serve_autoscaling_config
+    from shardline.autoscaling.policy import QueueDepthConfig
+    from shardline.autoscaling.serve_policy import serve_autoscaling_config
     options["autoscaling_config"] = serve_autoscaling_config(QueueDepthConfig(min_replicas=1, max_replicas=4))
 """
 
@@ -52,14 +52,14 @@ import math
 import time
 from typing import Any, Callable, Iterable, Mapping
 
-from autoscaling.policy import ClusterLoad, PolicyState, QueueDepthConfig, ReplicaMetrics, decide
+from shardline.autoscaling.policy import ClusterLoad, PolicyState, QueueDepthConfig, ReplicaMetrics, decide
 
 # The key of this policy's state inside Serve's policy_state dict.
 STATE_KEY = "shardline"
 # Custom metric names a replica's record_autoscaling_stats() returns.
 WAITING, RUNNING, KV_USAGE, GLOBAL_QUEUE = "num_waiting", "num_running", "kv_usage", "global_queue"
 INFLIGHT = "num_inflight"
-POLICY_PATH = "autoscaling.serve_policy:QueueDepthPolicy"
+POLICY_PATH = "shardline.autoscaling.serve_policy:QueueDepthPolicy"
 
 
 def replica_autoscaling_stats(engine_stats: Mapping[str, float], global_queue: float | None = None) -> dict[str, float]:

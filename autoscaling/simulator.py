@@ -35,10 +35,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
-from autoscaling.calibration import ReplicaCostModel
-from autoscaling.policy import ClusterLoad, PolicyState, QueueDepthConfig, ReplicaMetrics, decide
-from autoscaling.serve_default import ServeDefaultConfig, ServeDefaultState, WindowedMean, serve_default_decide
-from autoscaling.traces import TraceRequest
+from shardline.autoscaling.calibration import ReplicaCostModel
+from shardline.autoscaling.policy import ClusterLoad, PolicyState, QueueDepthConfig, ReplicaMetrics, decide
+from shardline.autoscaling.serve_default import ServeDefaultConfig, ServeDefaultState, WindowedMean, serve_default_decide
+from shardline.autoscaling.traces import TraceRequest
 
 # ---- autoscalers as the simulator drives them --------------------------------
 

@@ -39,13 +39,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: never shadows an installed package
 
-from autoscaling.calibration import load_calibration  # noqa: E402
-from autoscaling.cli import DEFAULT_MAX_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS  # noqa: E402
-from autoscaling.policy import QueueDepthConfig  # noqa: E402
-from autoscaling.serve_default import ServeDefaultConfig  # noqa: E402
-from autoscaling.simulator import (  # noqa: E402
+from shardline.autoscaling.calibration import load_calibration  # noqa: E402
+from shardline.autoscaling.cli import DEFAULT_MAX_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS  # noqa: E402
+from shardline.autoscaling.policy import QueueDepthConfig  # noqa: E402
+from shardline.autoscaling.serve_default import ServeDefaultConfig  # noqa: E402
+from shardline.autoscaling.simulator import (  # noqa: E402
     SLO,
     QueueDepthAutoscaler,
     ServeDefaultAutoscaler,
@@ -54,7 +54,7 @@ from autoscaling.simulator import (  # noqa: E402
     min_static_replicas,
     simulate,
 )
-from autoscaling.traces import bursty_trace  # noqa: E402
+from shardline.autoscaling.traces import bursty_trace  # noqa: E402
 
 PEAK_RATE = 2.0
 SLO_TTFT_S, SLO_TPOT_S = 10.0, 1.0

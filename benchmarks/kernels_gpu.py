@@ -37,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+    sys.path.append(str(ROOT))  # last: never shadows an installed package
 
 # HBM bandwidth from NVIDIA's datasheets, bytes/s (SXM parts).
 H100_SPEC_BW = 3.35e12
@@ -100,7 +100,7 @@ def check_correctness(device, small: bool) -> dict:
     """{kernel: {dtype: {max_abs_err, ok}}} for every Triton kernel against its reference on the CPU."""
     import torch
 
-    from kernels import quant, reference, triton_attention, triton_norm, triton_quant, triton_rotary
+    from shardline.kernels import quant, reference, triton_attention, triton_norm, triton_quant, triton_rotary
 
     results: dict[str, dict] = {}
 
@@ -188,10 +188,10 @@ def compile_all(arch: int, dtypes: list[str]) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import triton_attention as ta
-    from kernels import triton_norm as tn
-    from kernels import triton_quant as tq
-    from kernels import triton_rotary as tr
+    from shardline.kernels import triton_attention as ta
+    from shardline.kernels import triton_norm as tn
+    from shardline.kernels import triton_quant as tq
+    from shardline.kernels import triton_rotary as tr
 
     target = GPUTarget("cuda", arch, 32)
     seconds = {}
@@ -297,8 +297,8 @@ def decode_bandwidth(
 
     heads: (query heads, kv heads, head_dim).
     """
-    import kernels
-    from kernels import triton_attention
+    from shardline import kernels
+    from shardline.kernels import triton_attention
 
     (heads, kv_heads, head_dim), block_size = heads, 16
     out = {}
@@ -381,7 +381,7 @@ def int4_matmul(torch, device, args, shapes=MATMUL_SHAPES) -> dict:
     """
     import torch.nn.functional as F
 
-    from kernels import quant, triton_quant
+    from shardline.kernels import quant, triton_quant
 
     group_size = 128
     gemv_configs = [(n_block, k_block, warps, 3) for n_block in (8, 16, 32) for k_block in (512, 1024, 2048)
@@ -433,8 +433,8 @@ MODEL_SHAPE = dict(
 
 def model_decode_step(torch, device, args, shape=MODEL_SHAPE, num_seqs=64, context=1024, timer=None) -> dict:
     """Decode tokens/s of the engine's Transformer on the GPU, SHARDLINE_KERNELS=triton vs torch."""
-    from engine.model import AttentionMetadata
-    from engine.weights import build_model
+    from shardline.engine.model import AttentionMetadata
+    from shardline.engine.weights import build_model
     from tests.models import make_model
 
     timer = timer or cuda_time

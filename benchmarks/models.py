@@ -57,8 +57,8 @@ def model_folder(name: str, dtype: str, models_dir: Path | None = None) -> Path:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
     if name in PULLED_MODELS:
         if str(ROOT) not in sys.path:
-            sys.path.insert(0, str(ROOT))
-        from engine.pull import pull_model
+            sys.path.append(str(ROOT))  # last: never shadows an installed package
+        from shardline.engine.pull import pull_model
 
         return Path(pull_model(PULLED_MODELS[name], progress=False))
     if name not in RANDOM_MODELS:
@@ -70,7 +70,7 @@ def model_folder(name: str, dtype: str, models_dir: Path | None = None) -> Path:
     if marker.is_file() and marker.read_text() == spec:
         return folder
     if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
+        sys.path.append(str(ROOT))  # last: never shadows an installed package
     import shutil
 
     import torch

@@ -31,7 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))  # last: never shadows an installed package
 
 from peers import ensure_netns  # noqa: E402
 
@@ -40,7 +40,7 @@ APP = "shardline"
 
 def _states(client) -> dict:
     """ModelReplica's target and replica states from Serve's details."""
-    from deployments.config import REPLICA_NAME
+    from shardline.deployments.config import REPLICA_NAME
 
     dep = client.get_serve_details()["applications"][APP]["deployments"][REPLICA_NAME]
     states = {r["replica_id"]: getattr(r["state"], "value", r["state"]) for r in dep["replicas"]}
@@ -85,10 +85,10 @@ def measure(model: str, samples: int, concurrency: int, max_tokens: int, torch_t
     from ray import serve
     from ray.serve.context import _get_global_client
 
-    from deployments.app import build_app
-    from deployments.config import SERVE_ENV, ServeConfig
-    from deployments.server import free_port
-    from engine.pull import resolve_model
+    from shardline.deployments.app import build_app
+    from shardline.deployments.config import SERVE_ENV, ServeConfig
+    from shardline.deployments.server import free_port
+    from shardline.engine.pull import resolve_model
 
     resolve_model(model)
     os.environ.update(SERVE_ENV)
@@ -160,7 +160,7 @@ def write_calibration(path: Path, result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from autoscaling.calibration import DEFAULT_CALIBRATION
+    from shardline.autoscaling.calibration import DEFAULT_CALIBRATION
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")

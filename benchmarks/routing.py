@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: never shadows an installed package
 
 from benchmarks.models import BENCH_DIR, read_config  # noqa: E402
 from benchmarks.peers import ensure_netns  # noqa: E402
@@ -234,8 +234,8 @@ def start_cluster(num_cpus: int) -> int:
     import ray
     from ray import serve
 
-    from deployments.config import SERVE_ENV
-    from deployments.server import free_port
+    from shardline.deployments.config import SERVE_ENV
+    from shardline.deployments.server import free_port
 
     os.environ.update(SERVE_ENV)
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus, log_to_driver=False)
@@ -248,8 +248,8 @@ def deploy(folder: Path, w: Workload, policy: str) -> float:
     """A fresh app for `policy`; returns seconds until every replica reported to the scheduler."""
     from ray import serve
 
-    from deployments.app import build_app
-    from deployments.config import ServeConfig
+    from shardline.deployments.app import build_app
+    from shardline.deployments.config import ServeConfig
 
     config = ServeConfig(
         model=str(folder), served_model_name="bench", dtype=w.dtype, routing=policy, num_replicas=w.replicas,
@@ -269,7 +269,7 @@ def deploy(folder: Path, w: Workload, policy: str) -> float:
 def undeploy() -> None:
     from ray import serve
 
-    from deployments.scheduling import stop_scheduler
+    from shardline.deployments.scheduling import stop_scheduler
 
     serve.delete(APP)
     stop_scheduler(APP)
@@ -278,7 +278,7 @@ def undeploy() -> None:
 def scheduler_stats():
     import ray
 
-    from cluster.scheduler_actor import get_scheduler, scheduler_name
+    from shardline.cluster.scheduler_actor import get_scheduler, scheduler_name
 
     for _ in range(300):
         actor = get_scheduler(scheduler_name(APP))
@@ -291,7 +291,7 @@ def scheduler_stats():
 def routing_counts() -> dict[str, int]:
     from ray import serve
 
-    from deployments.config import INGRESS_NAME
+    from shardline.deployments.config import INGRESS_NAME
 
     return serve.get_deployment_handle(INGRESS_NAME, APP).routing_counts.remote().result(timeout_s=30)
 

@@ -36,16 +36,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: never shadows an installed package
 
-from cluster.global_queue import QueueLimits  # noqa: E402
-from cluster.placement import POLICIES, ReplicaLoad, RouteRequest  # noqa: E402
-from cluster.scheduler import ReplicaReport, RequestUsage, Scheduler, SchedulerConfig  # noqa: E402
-from cluster.tenants import Tenant, TenantRegistry  # noqa: E402
-from engine.kv_cache import KVCacheManager, hash_prompt_blocks  # noqa: E402
-from engine.request import Request  # noqa: E402
-from engine.scheduler import Scheduler as EngineScheduler  # noqa: E402
-from engine.scheduler import SchedulerConfig as EngineSchedulerConfig  # noqa: E402
+from shardline.cluster.global_queue import QueueLimits  # noqa: E402
+from shardline.cluster.placement import POLICIES, ReplicaLoad, RouteRequest  # noqa: E402
+from shardline.cluster.scheduler import ReplicaReport, RequestUsage, Scheduler, SchedulerConfig  # noqa: E402
+from shardline.cluster.tenants import Tenant, TenantRegistry  # noqa: E402
+from shardline.engine.kv_cache import KVCacheManager, hash_prompt_blocks  # noqa: E402
+from shardline.engine.request import Request  # noqa: E402
+from shardline.engine.scheduler import Scheduler as EngineScheduler  # noqa: E402
+from shardline.engine.scheduler import SchedulerConfig as EngineSchedulerConfig  # noqa: E402
 
 
 @dataclass

@@ -40,7 +40,7 @@ from typing import Any, Optional
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))  # last: never shadows an installed package
 
 from models import model_folder  # noqa: E402
 from peers import ensure_netns, vllm_env, vllm_python, vllm_status  # noqa: E402

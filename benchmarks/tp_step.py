@@ -22,12 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: never shadows an installed package
 
 import torch  # noqa: E402
 
-from engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from engine.distributed import LocalProcessLauncher  # noqa: E402
+from shardline.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from shardline.engine.distributed import LocalProcessLauncher  # noqa: E402
 
 
 def model_88m(folder: Path) -> Path:

@@ -105,8 +105,7 @@ class ShardlineRunner:
     name = "shardline"
 
     def __init__(self, folder: str, dtype: str, max_num_seqs: int, max_model_len: int):
-        sys.path.insert(0, str(ROOT))
-        from engine import LLM, SamplingParams
+        from shardline.engine import LLM, SamplingParams
 
         self._sp = SamplingParams
         blocks = max_num_seqs * -(-max_model_len // 16) + 16
@@ -403,8 +402,7 @@ async def _drive(
 
 
 async def _serve_shardline(spec: dict[str, Any], workload: list[dict[str, Any]]) -> dict[str, Any]:
-    sys.path.insert(0, str(ROOT))
-    from engine import AsyncLLMEngine, EngineConfig, SamplingParams
+    from shardline.engine import AsyncLLMEngine, EngineConfig, SamplingParams
 
     t = time.perf_counter()
     eng = AsyncLLMEngine.from_config(

@@ -8,7 +8,6 @@
     scheduler.py       the plain-Python core that holds them all (clock passed in)
     async_scheduler.py `await place(request)` over the core, asyncio only
     scheduler_actor.py the Ray actor (the only module here that imports ray)
-    cli.py             the `shardline` command line
 
 The scheduler modules never import engine: the ingress hashes prompts with the engine's function
 and passes the hashes in.

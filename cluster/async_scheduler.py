@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from cluster.global_queue import Rejection
-from cluster.placement import RouteRequest
-from cluster.scheduler import (
+from shardline.cluster.global_queue import Rejection
+from shardline.cluster.placement import RouteRequest
+from shardline.cluster.scheduler import (
     Assignment,
     ReplicaReport,
     ReportReply,
@@ -31,7 +31,7 @@ from cluster.scheduler import (
     SchedulerConfig,
     SchedulerStats,
 )
-from cluster.tenants import TenantRegistry, Usage, UsageKey
+from shardline.cluster.tenants import TenantRegistry, Usage, UsageKey
 
 # How long a placement `apply` parked waits for its caller's `wait_placed` (which follows at once).
 PARKED_TTL_S = 60.0

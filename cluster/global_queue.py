@@ -35,7 +35,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from cluster.placement import Priority, RouteRequest
+from shardline.cluster.placement import Priority, RouteRequest
 
 
 @dataclass(slots=True, frozen=True)

@@ -76,8 +76,8 @@ from typing import ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from cluster.kv_index import BlockHash
-from cluster.replica_load import ReplicaLoad, ReplicaTable
+from shardline.cluster.kv_index import BlockHash
+from shardline.cluster.replica_load import ReplicaLoad, ReplicaTable
 
 
 class Priority(str, enum.Enum):

@@ -40,9 +40,9 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from cluster.global_queue import GlobalQueue, QueuedRequest, QueueLimits, Rejection
-from cluster.kv_index import ApplyResult, IndexStats, KVIndex, RunningPrompts, WireEvent
-from cluster.placement import (
+from shardline.cluster.global_queue import GlobalQueue, QueuedRequest, QueueLimits, Rejection
+from shardline.cluster.kv_index import ApplyResult, IndexStats, KVIndex, RunningPrompts, WireEvent
+from shardline.cluster.placement import (
     DEFAULT_POLICY,
     Priority,
     ReplicaLoad,
@@ -53,8 +53,8 @@ from cluster.placement import (
     make_policy,
     start_columns,
 )
-from cluster.replica_load import ReplicaTable
-from cluster.tenants import TenantRegistry, Usage, UsageKey, UsageLedger
+from shardline.cluster.replica_load import ReplicaTable
+from shardline.cluster.tenants import TenantRegistry, Usage, UsageKey, UsageLedger
 
 
 @dataclass(frozen=True)

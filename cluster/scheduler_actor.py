@@ -14,9 +14,9 @@ from pathlib import Path
 
 import ray
 
-from cluster.async_scheduler import AsyncScheduler
-from cluster.scheduler import SchedulerConfig
-from cluster.tenants import TenantRegistry
+from shardline.cluster.async_scheduler import AsyncScheduler
+from shardline.cluster.scheduler import SchedulerConfig
+from shardline.cluster.tenants import TenantRegistry
 
 DEFAULT_NAME = "shardline-scheduler"
 DEFAULT_NAMESPACE = "shardline"

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from deployments.events import Rejected
+from shardline.deployments.events import Rejected
 
 
 @dataclass(frozen=True, slots=True)

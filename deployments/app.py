@@ -25,20 +25,20 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from cluster.scheduler_actor import DEFAULT_NAMESPACE, scheduler_name
-from deployments.config import INGRESS_NAME, REPLICA_ENV, REPLICA_NAME, ServeConfig
-from deployments.http_listener import HttpListener
-from deployments.ingress import Gate, build_openai_app
-from deployments.metrics import RayReplicaMetrics
-from deployments.replica import ModelReplica
-from deployments.reporter import ReplicaReporter
-from deployments.router import ReplicaRouter
-from deployments.scheduling import SchedulerUnavailable, ingress_link, load_tenants, replica_link
-from deployments.service import OpenAIService
-from deployments.step_stream import StepStreams
-from deployments.tensor_parallel import rank_bundles
+from shardline.cluster.scheduler_actor import DEFAULT_NAMESPACE, scheduler_name
+from shardline.deployments.config import INGRESS_NAME, REPLICA_ENV, REPLICA_NAME, ServeConfig
+from shardline.deployments.http_listener import HttpListener
+from shardline.deployments.ingress import Gate, build_openai_app
+from shardline.deployments.metrics import RayReplicaMetrics
+from shardline.deployments.replica import ModelReplica
+from shardline.deployments.reporter import ReplicaReporter
+from shardline.deployments.router import ReplicaRouter
+from shardline.deployments.scheduling import SchedulerUnavailable, ingress_link, load_tenants, replica_link
+from shardline.deployments.service import OpenAIService
+from shardline.deployments.step_stream import StepStreams
+from shardline.deployments.tensor_parallel import rank_bundles
 
-SCHEDULED_ROUTER = "deployments.serve_router:ScheduledRequestRouter"
+SCHEDULED_ROUTER = "shardline.deployments.serve_router:ScheduledRequestRouter"
 
 # A resource only the head node has (ray._common.constants.HEAD_NODE_RESOURCE_NAME).
 HEAD_NODE_RESOURCE = "node:__internal_head__"
@@ -117,8 +117,8 @@ class OpenAIIngress:
     """
 
     def __init__(self, config: ServeConfig, replica_handle: Any):
-        from engine.pull import resolve_model
-        from engine.tokenizer import Tokenizer
+        from shardline.engine.pull import resolve_model
+        from shardline.engine.tokenizer import Tokenizer
 
         self.gate = Gate()
         tenants = load_tenants(config)
@@ -228,5 +228,5 @@ def ingress_actor_options(config: ServeConfig, runtime_env: dict[str, Any]) -> d
 
 
 def app_builder(args: dict[str, Any]) -> Application:
-    """Entry point for Serve config files: `import_path: deployments.app:app_builder`, `args:` = ServeConfig."""
+    """Entry point for Serve config files: `import_path: shardline.deployments.app:app_builder`, `args:` = ServeConfig."""
     return build_app(ServeConfig(**(args or {})))

@@ -1,4 +1,4 @@
-"""`shardline serve` and `shardline status`, registered into cluster/cli.py.
+"""`shardline serve` and `shardline status`, registered into shardline/cli.py.
 
     shardline serve [--model M] [--host 127.0.0.1] [--port 8000] [--num-replicas N]
                     [--min-replicas A --max-replicas B --target-queue-depth Q]
@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cluster.placement import POLICIES
-from deployments.config import APP_NAME
+from shardline.cluster.placement import POLICIES
+from shardline.deployments.config import APP_NAME
 
 # flag dest -> ServeConfig field, for flags that override the config file.
 _CONFIG_FLAGS = {
@@ -127,8 +127,8 @@ def build_config(args: argparse.Namespace):
     """ServeConfig and ServerOptions from the flags and the optional config file."""
     from pydantic import ValidationError
 
-    from deployments.config import ServeConfig
-    from deployments.server import ServerOptions
+    from shardline.deployments.config import ServeConfig
+    from shardline.deployments.server import ServerOptions
 
     fields, http = load_config_file(args.config) if args.config else ({}, {})
     for flag, field in _CONFIG_FLAGS.items():
@@ -154,13 +154,13 @@ def build_config(args: argparse.Namespace):
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from deployments.server import check_port_free, serve_forever
-    from engine.pull import resolve_model
+    from shardline.deployments.server import check_port_free, serve_forever
+    from shardline.engine.pull import resolve_model
 
     config, options = build_config(args)
     resolve_model(config.model)  # an unknown or unpulled model fails here, before Ray starts
     if config.tenants_file:
-        from cluster.tenants import TenantRegistry
+        from shardline.cluster.tenants import TenantRegistry
 
         TenantRegistry.from_file(config.tenants_file)  # so does a bad tenants file
     if options.address is None:
@@ -193,7 +193,7 @@ def _connect(address: str) -> None:
 def _cmd_status(args: argparse.Namespace) -> int:
     import ray
 
-    from deployments.status import fetch_status, render_text
+    from shardline.deployments.status import fetch_status, render_text
 
     _connect(args.address)
     try:

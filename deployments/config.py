@@ -14,8 +14,8 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from autoscaling.policy import QueueDepthConfig
-from cluster.placement import POLICIES
+from shardline.autoscaling.policy import QueueDepthConfig
+from shardline.cluster.placement import POLICIES
 
 # Names of the Serve application and its two deployments.
 APP_NAME = "shardline"
@@ -251,7 +251,7 @@ class ServeConfig(BaseModel):
         policy = self.autoscaling
         if policy is None:
             return None
-        from autoscaling.serve_policy import serve_autoscaling_config
+        from shardline.autoscaling.serve_policy import serve_autoscaling_config
 
         return serve_autoscaling_config(
             policy,

@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from engine.outputs import PositionLogprobs
-from engine.sampling_params import SamplingParams
+from shardline.engine.outputs import PositionLogprobs
+from shardline.engine.sampling_params import SamplingParams
 
 
 @dataclass

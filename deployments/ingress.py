@@ -22,10 +22,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from deployments.config import ServeConfig
-from deployments.errors import APIError, install_handlers
-from deployments.protocol import ChatCompletionRequest, CompletionRequest
-from deployments.service import OpenAIService
+from shardline.deployments.config import ServeConfig
+from shardline.deployments.errors import APIError, install_handlers
+from shardline.deployments.protocol import ChatCompletionRequest, CompletionRequest
+from shardline.deployments.service import OpenAIService
 
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
 

@@ -14,8 +14,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from deployments.events import ChoiceDelta
-from engine.outputs import PositionLogprobs
+from shardline.deployments.events import ChoiceDelta
+from shardline.engine.outputs import PositionLogprobs
 
 Kind = Literal["completion", "chat"]
 

@@ -28,13 +28,13 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Optional, Union
 
-from cluster.placement import ReplicaLoad as RoutingLoad
-from deployments.admission import ReplicaLoad, admit
-from deployments.config import ServeConfig
-from deployments.events import Admitted, ChoiceDelta, Delta, Failed, GenerateRequest, Rejected, ReplicaEvent
-from deployments.metrics import NullMetrics, RequestTimings
-from deployments.step_stream import NotHere, Outboxes, Subscription
-from engine import AsyncLLMEngine, EngineConfig, LLMEngine, RequestOutput
+from shardline.cluster.placement import ReplicaLoad as RoutingLoad
+from shardline.deployments.admission import ReplicaLoad, admit
+from shardline.deployments.config import ServeConfig
+from shardline.deployments.events import Admitted, ChoiceDelta, Delta, Failed, GenerateRequest, Rejected, ReplicaEvent
+from shardline.deployments.metrics import NullMetrics, RequestTimings
+from shardline.deployments.step_stream import NotHere, Outboxes, Subscription
+from shardline.engine import AsyncLLMEngine, EngineConfig, LLMEngine, RequestOutput
 
 
 @dataclass
@@ -95,12 +95,12 @@ class ModelReplica:
     def _build_engine(config: ServeConfig) -> AsyncLLMEngine:
         import torch
 
-        from engine.pull import resolve_model
+        from shardline.engine.pull import resolve_model
 
         engine_config = EngineConfig(**config.engine_kwargs(resolve_model(config.model)))
         launcher = None
         if config.tensor_parallel_size > 1:
-            from deployments.tensor_parallel import RayWorkerLauncher
+            from shardline.deployments.tensor_parallel import RayWorkerLauncher
 
             # Inside a Serve replica the launcher uses the replica's own placement group.
             launcher = RayWorkerLauncher(

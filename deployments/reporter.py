@@ -33,8 +33,8 @@ import logging
 import time
 from typing import Any, Callable, Optional
 
-from cluster.kv_index import to_wire
-from cluster.scheduler import ReplicaReport
+from shardline.cluster.kv_index import to_wire
+from shardline.cluster.scheduler import ReplicaReport
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class ReplicaReporter:
 
     async def report_once(self, force: bool = False) -> bool:
         """Send one report if there is news (or `force`); True when the scheduler took it."""
-        from deployments.scheduling import SchedulerUnavailable
+        from shardline.deployments.scheduling import SchedulerUnavailable
 
         events = tuple(to_wire(e) for e in self.replica.engine.take_kv_events())
         admitted = tuple(self.replica.take_admitted())
@@ -145,7 +145,7 @@ class ReplicaReporter:
         return True
 
     async def _send_snapshot(self, seq: int) -> None:
-        from deployments.scheduling import SchedulerUnavailable
+        from shardline.deployments.scheduling import SchedulerUnavailable
 
         hashes = self.replica.engine.engine.cached_block_hashes()
         try:

@@ -32,13 +32,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any, AsyncIterator, Optional
 
-from cluster.global_queue import Rejection
-from cluster.placement import Priority, RouteRequest
-from cluster.scheduler import Assignment, RequestUsage
-from deployments.admission import queue_full
-from deployments.events import Admitted, Delta, Failed, GenerateRequest, Rejected, ReplicaEvent
-from deployments.step_stream import StepStreams
-from engine.kv_cache import hash_prompt_blocks
+from shardline.cluster.global_queue import Rejection
+from shardline.cluster.placement import Priority, RouteRequest
+from shardline.cluster.scheduler import Assignment, RequestUsage
+from shardline.deployments.admission import queue_full
+from shardline.deployments.events import Admitted, Delta, Failed, GenerateRequest, Rejected, ReplicaEvent
+from shardline.deployments.step_stream import StepStreams
+from shardline.engine.kv_cache import hash_prompt_blocks
 
 
 def salt_keys(cache_salt: Optional[str | bytes]) -> tuple[bytes, ...]:
@@ -216,7 +216,7 @@ class ReplicaRouter:
 
     async def _place(self, request: GenerateRequest) -> Assignment | Rejection | None:
         """The scheduler's answer, or None to route without it."""
-        from deployments.scheduling import SchedulerUnavailable
+        from shardline.deployments.scheduling import SchedulerUnavailable
 
         link = self.scheduler
         if link is None or not link.available():

@@ -26,11 +26,11 @@ import asyncio
 import time
 from typing import Any, Callable, Optional
 
-from cluster.global_queue import QueueLimits
-from cluster.scheduler import SchedulerConfig
-from cluster.scheduler_actor import DEFAULT_NAMESPACE, get_scheduler, scheduler_name, start_scheduler
-from cluster.tenants import ANONYMOUS_ID, Tenant, TenantRegistry
-from deployments.config import ServeConfig
+from shardline.cluster.global_queue import QueueLimits
+from shardline.cluster.scheduler import SchedulerConfig
+from shardline.cluster.scheduler_actor import DEFAULT_NAMESPACE, get_scheduler, scheduler_name, start_scheduler
+from shardline.cluster.tenants import ANONYMOUS_ID, Tenant, TenantRegistry
+from shardline.deployments.config import ServeConfig
 
 
 class SchedulerUnavailable(RuntimeError):

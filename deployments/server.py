@@ -23,7 +23,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from deployments.config import APP_NAME, INGRESS_NAME, SERVE_ENV, ServeConfig
+from shardline.deployments.config import APP_NAME, INGRESS_NAME, SERVE_ENV, ServeConfig
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def deploy(config: ServeConfig, options: ServerOptions) -> None:
     """
     from ray import serve
 
-    from deployments.app import build_app
+    from shardline.deployments.app import build_app
 
     serve.start(proxy_location="Disabled")
     config = config.model_copy(update={"http_host": options.host, "http_port": options.port})
@@ -133,7 +133,7 @@ def stop(options: ServerOptions, started_ray: bool) -> None:
     import ray
     from ray import serve
 
-    from deployments.scheduling import stop_scheduler
+    from shardline.deployments.scheduling import stop_scheduler
 
     if started_ray:
         serve.shutdown()

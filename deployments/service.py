@@ -28,14 +28,14 @@ from typing import Any, AsyncIterator, Optional, Protocol, Union
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from cluster.tenants import Tenant, TenantRegistry, UnknownApiKey
-from deployments.config import ServeConfig
-from deployments.errors import APIError, model_not_found
-from deployments.events import Admitted, Delta, Failed, GenerateRequest, Rejected, ReplicaEvent
-from deployments.openai_format import SSE_DONE, ResponseBuilder, sse
-from deployments.protocol import ChatCompletionRequest, CompletionRequest
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import ChatTemplateError, Tokenizer
+from shardline.cluster.tenants import Tenant, TenantRegistry, UnknownApiKey
+from shardline.deployments.config import ServeConfig
+from shardline.deployments.errors import APIError, model_not_found
+from shardline.deployments.events import Admitted, Delta, Failed, GenerateRequest, Rejected, ReplicaEvent
+from shardline.deployments.openai_format import SSE_DONE, ResponseBuilder, sse
+from shardline.deployments.protocol import ChatCompletionRequest, CompletionRequest
+from shardline.engine.sampling_params import SamplingParams
+from shardline.engine.tokenizer import ChatTemplateError, Tokenizer
 
 
 class Backend(Protocol):

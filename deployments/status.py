@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from deployments.config import INGRESS_NAME, REPLICA_NAME
+from shardline.deployments.config import INGRESS_NAME, REPLICA_NAME
 
 # Serve's replica states (ReplicaState, Ray 2.60). A PENDING_MIGRATION replica still
 # serves until its replacement runs; a STOPPING one takes no new requests and
@@ -153,7 +153,7 @@ def fetch_scheduler_stats(app_name: str, timeout_s: float = 10.0) -> Optional[di
     """The app's scheduler summary, or None when it is not running or does not answer."""
     import ray
 
-    from cluster.scheduler_actor import get_scheduler, scheduler_name
+    from shardline.cluster.scheduler_actor import get_scheduler, scheduler_name
 
     actor = get_scheduler(scheduler_name(app_name))
     if actor is None:

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from deployments.events import Failed, ReplicaEvent
+from shardline.deployments.events import Failed, ReplicaEvent
 
 # How long a subscription with nothing to carry stays open.
 IDLE_S = 2.0

@@ -23,7 +23,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, get_current_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from engine.distributed import TPWorker, WorkerSpec
+from shardline.engine.distributed import TPWorker, WorkerSpec
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -156,3 +156,11 @@ class RayWorkerLauncher:
             remove_placement_group(pg)
         except Exception:  # already gone with its job
             pass
+
+
+def ray_launcher(placement_strategy: str = "PACK") -> RayWorkerLauncher:
+    """The engine's "ray" backend (the `shardline.worker_launchers` entry point): worker ranks as
+    actors, on the running Ray cluster or on a local one started here."""
+    if not ray.is_initialized():
+        ray.init()
+    return RayWorkerLauncher(strategy=placement_strategy)

@@ -1,17 +1,17 @@
 """shardline's inference engine: one replica, paged KV cache, continuous batching.
 
-    from engine import LLM, SamplingParams
+    from shardline.engine import LLM, SamplingParams
     llm = LLM("smollm2-135m")
     print(llm.generate("The capital of France is", SamplingParams(temperature=0))[0].outputs[0].text)
 
 Never imports ray: the cluster layers wrap it from outside.
 """
 
-from engine.async_engine import AsyncLLMEngine, EngineDeadError
-from engine.llm import LLM
-from engine.llm_engine import EngineConfig, LLMEngine
-from engine.outputs import CompletionOutput, Logprob, RequestOutput
-from engine.sampling_params import SamplingParams
+from shardline.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from shardline.engine.llm import LLM
+from shardline.engine.llm_engine import EngineConfig, LLMEngine
+from shardline.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from shardline.engine.sampling_params import SamplingParams
 
 __all__ = [
     "LLM",

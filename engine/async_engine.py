@@ -22,10 +22,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterable
 
-from engine.kv_cache import KVEvent
-from engine.llm_engine import EngineConfig, LLMEngine, PromptType
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from shardline.engine.kv_cache import KVEvent
+from shardline.engine.llm_engine import EngineConfig, LLMEngine, PromptType
+from shardline.engine.outputs import RequestOutput
+from shardline.engine.sampling_params import SamplingParams
 
 
 class EngineDeadError(RuntimeError):

@@ -8,9 +8,9 @@ worker per step: the workers wait in `broadcast` and the cost is a couple of
 small messages.
 
 How workers are started is up to a `WorkerLauncher`: Ray actors in a
-placement group (deployments/tensor_parallel.py) or local processes
-(`LocalProcessLauncher`, for one machine and for tests). Nothing here
-imports ray.
+placement group (shardline.deployments.tensor_parallel, found through an entry
+point) or local processes (`LocalProcessLauncher`, for one machine and for
+tests). Nothing here imports ray or the layers above the engine.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from engine.model import AttentionMetadata, Transformer
-from engine.shm_comm import SharedMemoryComm
-from engine.tensor_parallel import ParallelContext, apply_tensor_parallel
-from engine.weights import build_model
-from kernels.step import select_rows
+from shardline.engine.model import AttentionMetadata, Transformer
+from shardline.engine.shm_comm import SharedMemoryComm
+from shardline.engine.tensor_parallel import ParallelContext, apply_tensor_parallel
+from shardline.engine.weights import build_model
+from shardline.kernels.step import select_rows
 
 # Header: [command, num_tokens, num_decodes, decode_width, num_prefills, prefill_width, num_sample_rows, 0]
 _HEADER = 8
@@ -319,6 +319,13 @@ class TensorParallelGroup:
     """Rank 0's side of a tensor-parallel engine: starts workers, broadcasts steps, stops them."""
 
     def __init__(self, spec: WorkerSpec, launcher: WorkerLauncher):
+        if dist.is_initialized():
+            # torch.distributed has one default group per process: a second would wait on ranks
+            # that never come, until gloo's timeout.
+            raise RuntimeError(
+                "a tensor-parallel engine already runs in this process: shut it down first "
+                "(LLM.shutdown(), or build it in a `with LLM(...)` block)"
+            )
         self.spec = spec
         self.launcher = launcher
         launcher.start(spec)
@@ -365,24 +372,31 @@ class TensorParallelGroup:
             self.launcher.shutdown()
 
 
-def make_launcher(backend: str, placement_strategy: str = "PACK") -> WorkerLauncher:
-    """A launcher by name: "mp" (local processes) or "ray" (actors in a placement group).
+# Entry-point group through which a package offers a worker launcher by name. shardline's own
+# Ray launcher is declared in pyproject.toml (`ray = shardline.deployments.tensor_parallel:...`),
+# so the engine starts Ray actors without importing the layer that knows Ray.
+LAUNCHER_ENTRY_POINTS = "shardline.worker_launchers"
 
-    The Ray launcher lives in deployments/ (the engine never imports ray), and
-    is imported only when asked for; it starts a local Ray cluster, or joins
-    the running one, when Ray is not initialized yet.
+
+def make_launcher(backend: str | WorkerLauncher, placement_strategy: str = "PACK") -> WorkerLauncher:
+    """The launcher for `backend`: "mp" (local processes), a name from the
+    `shardline.worker_launchers` entry points ("ray": actors in a placement group), or a
+    `WorkerLauncher` passed in as it is.
+
+    A named launcher is a factory taking the placement strategy; it is loaded only when asked
+    for (importing ray costs a second).
     """
+    if not isinstance(backend, str):
+        return backend
     if backend == "mp":
         return LocalProcessLauncher()
-    if backend == "ray":
-        import importlib
+    from importlib.metadata import entry_points
 
-        ray = importlib.import_module("ray")
-        if not ray.is_initialized():
-            ray.init()
-        module = importlib.import_module("deployments.tensor_parallel")
-        return module.RayWorkerLauncher(strategy=placement_strategy)
-    raise ValueError(f"distributed_executor_backend must be 'ray' or 'mp', got {backend!r}")
+    found = {ep.name: ep for ep in entry_points(group=LAUNCHER_ENTRY_POINTS)}
+    if backend not in found:
+        names = ", ".join(repr(n) for n in sorted({"mp", *found}))
+        raise ValueError(f"distributed_executor_backend must be one of {names} or a WorkerLauncher, got {backend!r}")
+    return found[backend].load()(placement_strategy)
 
 
 def make_init_method(host: str) -> str:
@@ -403,4 +417,5 @@ __all__ = [
     "LocalProcessLauncher",
     "TensorParallelGroup",
     "make_init_method",
+    "make_launcher",
 ]

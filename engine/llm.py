@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import itertools
+import weakref
 from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from engine.llm_engine import EngineConfig, LLMEngine, PromptType
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from shardline.engine.llm_engine import EngineConfig, LLMEngine, PromptType
+from shardline.engine.outputs import RequestOutput
+from shardline.engine.sampling_params import SamplingParams
 
 Conversation = list[dict[str, Any]]
 
@@ -29,6 +31,10 @@ class LLM:
             placement group; starts a local Ray cluster or joins the running one)
             or "mp" (local processes).
         placement_strategy: PACK (one node) or SPREAD / STRICT_SPREAD (across nodes), for "ray".
+
+    What it holds (tensor-parallel worker ranks, their process group) is released by
+    `shutdown()`, at the end of a `with LLM(...) as llm:` block, when the object is
+    collected, or at interpreter exit, whichever comes first.
     """
 
     def __init__(
@@ -40,8 +46,8 @@ class LLM:
         placement_strategy: str = "PACK",
         **kwargs: Any,
     ):
-        from engine.distributed import make_launcher
-        from engine.pull import resolve_model
+        from shardline.engine.distributed import make_launcher
+        from shardline.engine.pull import resolve_model
 
         launcher = None
         if tensor_parallel_size > 1:
@@ -49,10 +55,25 @@ class LLM:
         config = EngineConfig(model=resolve_model(model), tensor_parallel_size=tensor_parallel_size, **kwargs)
         self.engine = LLMEngine(config, launcher)
         self._ids = itertools.count()
+        # Holds the engine, not the LLM: runs on `del llm` as on shutdown(). Registered with atexit
+        # here, after the launcher started Ray, so that it runs before Ray's own exit handler.
+        self._release = weakref.finalize(self, self.engine.shutdown)
+        self._release.atexit = False
+        atexit.register(self._release)
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel workers, if any."""
-        self.engine.shutdown()
+        """Stop the tensor-parallel workers and leave their process group; idempotent.
+
+        A tensor-parallel LLM cannot generate afterwards.
+        """
+        self._release()
+        atexit.unregister(self._release)
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
 
     def get_tokenizer(self):
         return self.engine.tokenizer

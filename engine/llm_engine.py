@@ -15,8 +15,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from engine.config import ModelConfig
-from engine.distributed import (
+from shardline.engine.config import ModelConfig
+from shardline.engine.distributed import (
     LocalProcessLauncher,
     TensorParallelGroup,
     WorkerLauncher,
@@ -24,15 +24,15 @@ from engine.distributed import (
     default_num_threads,
     make_init_method,
 )
-from engine.tensor_parallel import shard_heads
-from engine.kv_cache import KVCacheManager, KVEvent
-from engine.model_runner import ModelRunner
-from engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, SchedulerOutput
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from engine.weights import build_model
+from shardline.engine.tensor_parallel import shard_heads
+from shardline.engine.kv_cache import KVCacheManager, KVEvent
+from shardline.engine.model_runner import ModelRunner
+from shardline.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from shardline.engine.request import Request, RequestStatus
+from shardline.engine.sampling_params import SamplingParams
+from shardline.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, SchedulerOutput
+from shardline.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from shardline.engine.weights import build_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

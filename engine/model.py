@@ -17,10 +17,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-import kernels
-from engine.config import ModelConfig
-from engine.memory import hugepage_zeros
-from kernels.step import AttentionMetadata, OutputRows
+from shardline import kernels
+from shardline.engine.config import ModelConfig
+from shardline.kernels.memory import hugepage_zeros
+from shardline.kernels.step import AttentionMetadata, OutputRows
 
 
 def build_rope_cache(

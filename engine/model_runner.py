@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from engine.distributed import StepInput, TensorParallelGroup, run_step
-from engine.model import AttentionMetadata, Transformer
-from engine.outputs import PositionLogprobs
-from engine.sampler import Sampler, SamplingRow
-from engine.scheduler import ScheduledRequest, SchedulerOutput
+from shardline.engine.distributed import StepInput, TensorParallelGroup, run_step
+from shardline.engine.model import AttentionMetadata, Transformer
+from shardline.engine.outputs import PositionLogprobs
+from shardline.engine.sampler import Sampler, SamplingRow
+from shardline.engine.scheduler import ScheduledRequest, SchedulerOutput
 
 
 @dataclass

@@ -10,7 +10,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.kv_cache import BlockHash, hash_block_tokens, ROOT_HASH
+from shardline.engine.kv_cache import BlockHash, hash_block_tokens, ROOT_HASH
 
 
 class RequestStatus(enum.Enum):

@@ -21,8 +21,8 @@ from typing import Sequence
 
 import torch
 
-from engine.outputs import Logprob, PositionLogprobs
-from engine.sampling_params import SamplingParams
+from shardline.engine.outputs import Logprob, PositionLogprobs
+from shardline.engine.sampling_params import SamplingParams
 
 
 @dataclass(slots=True)

@@ -22,8 +22,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from engine.kv_cache import BlockId, KVCacheManager, KVEvent
-from engine.request import Request, RequestStatus
+from shardline.engine.kv_cache import BlockId, KVCacheManager, KVEvent
+from shardline.engine.request import Request, RequestStatus
 
 
 @dataclass(slots=True)

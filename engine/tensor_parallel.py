@@ -27,10 +27,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.config import ModelConfig
-import kernels
-from engine.model import Linear, Transformer
-from engine.weights import Piece, WeightPlan
+from shardline.engine.config import ModelConfig
+from shardline import kernels
+from shardline.engine.model import Linear, Transformer
+from shardline.engine.weights import Piece, WeightPlan
 
 
 @dataclass

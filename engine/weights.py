@@ -19,10 +19,10 @@ import torch.nn as nn
 from accelerate import init_empty_weights
 from safetensors import safe_open
 
-import kernels
-from engine.config import ModelConfig
-from engine.memory import move_parameters_to_hugepages
-from engine.model import Transformer
+from shardline import kernels
+from shardline.engine.config import ModelConfig
+from shardline.kernels.memory import move_parameters_to_hugepages
+from shardline.engine.model import Transformer
 
 
 @dataclass(frozen=True)

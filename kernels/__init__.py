@@ -3,7 +3,7 @@
 The engine calls only the functions below; `kernels.dispatch.resolve` picks
 the implementation (see its docstring for the rules and the override).
 The Triton versions live in kernels/triton_*.py and are imported on their
-first call, so `import kernels` works where triton is not installed.
+first call, so `import shardline.kernels` works where triton is not installed.
 """
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ from typing import Callable, Iterable
 
 import torch
 
-from kernels import cpu_native, quant, reference
-from kernels.dispatch import register, resolve
-from kernels.step import AttentionMetadata, LayerWeights, OutputRows, StackWeights, select_rows, split_attention
+from shardline.kernels import cpu_native, quant, reference
+from shardline.kernels.dispatch import register, resolve
+from shardline.kernels.step import AttentionMetadata, LayerWeights, OutputRows, StackWeights, select_rows, split_attention
 
 
 def _lazy_triton(module: str, name: str) -> Callable:
     """`kernels.<module>.<name>`, importing the module (and triton) on the first call only."""
 
     def launch(*args, **kwargs):
-        return getattr(importlib.import_module(f"kernels.{module}"), name)(*args, **kwargs)
+        return getattr(importlib.import_module(f"{__name__}.{module}"), name)(*args, **kwargs)
 
     launch.__name__ = launch.__qualname__ = f"{module}.{name}"
     return launch

@@ -1,7 +1,7 @@
 """What every Triton kernel file shares: launch checks and a dot that the interpreter gets right.
 
 Only the triton_*.py files import this module, and `kernels/__init__.py`
-imports those on first use, so `import kernels` never imports triton (a
+imports those on first use, so `import shardline.kernels` never imports triton (a
 Linux-only dev dependency).
 
 NOTE: `triton.jit` decides between compiling and interpreting when it

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from shardline.kernels.memory import hugepage_zeros
+
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
@@ -222,7 +224,7 @@ def paged_attention_prefill(
         *_paged_dims(lens.shape[0], query, num_kv_heads, block_size, tables, scale),
     )
     if status == 2:
-        from kernels import reference
+        from shardline.kernels import reference
 
         return reference.paged_attention_prefill(query, key_cache, value_cache, block_tables, query_start_loc, context_lens, scale)
     if status != 0:
@@ -377,8 +379,6 @@ def packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
         return None
     if not _has_packed(lib, weight.dtype):
         return None
-    from engine.memory import hugepage_zeros
-
     n, k = weight.shape
     sfx = _suffix(weight.dtype)
     packed = hugepage_zeros((getattr(lib, f"packed_numel_{sfx}")(n, k),), weight.dtype)

@@ -44,7 +44,7 @@ def native_available() -> bool:
     """Whether the native CPU kernels build and load on this machine."""
     global _native_ok
     if _native_ok is None:
-        from kernels import cpu_native
+        from shardline.kernels import cpu_native
 
         _native_ok = cpu_native.available()
     return _native_ok

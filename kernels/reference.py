@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.step import AttentionMetadata, LayerWeights, OutputRows, StackWeights, split_attention
+from shardline.kernels.step import AttentionMetadata, LayerWeights, OutputRows, StackWeights, split_attention
 
 
 def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:

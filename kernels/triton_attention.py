@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_common import FLOAT_DTYPES, check_launchable, mma, pow2, upcast_dots
+from shardline.kernels._triton_common import FLOAT_DTYPES, check_launchable, mma, pow2, upcast_dots
 
 LOG2E = 1.4426950408889634
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_common import FLOAT_DTYPES, check_launchable, pow2
+from shardline.kernels._triton_common import FLOAT_DTYPES, check_launchable, pow2
 
 # A whole row lives in registers; past 4096 columns spread it over more warps.
 # Unmeasured: the usual Triton layer-norm sizing, not a benchmark result.

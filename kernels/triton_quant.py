@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_common import check_launchable, mma, upcast_dots
-from kernels.quant import check_dequant_matmul_args
+from shardline.kernels._triton_common import check_launchable, mma, upcast_dots
+from shardline.kernels.quant import check_dequant_matmul_args
 
 # (BLOCK_M, BLOCK_N, BLOCK_K cap, num_warps, num_stages) by batch size. Small
 # batches take narrow N tiles so that a 4096-wide layer still yields 256

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_common import FLOAT_DTYPES, check_launchable, pow2
+from shardline.kernels._triton_common import FLOAT_DTYPES, check_launchable, pow2
 
 
 @triton.jit

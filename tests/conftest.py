@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-import pytest
-import torch
+# The suite imports `tests.*` and `benchmarks.*` from the repository root. The root goes last on
+# sys.path, after site-packages: its top-level folders (kernels/, engine/, ...) must never shadow an
+# installed package of the same name (Hugging Face's `kernels`, which transformers imports).
+# pytest runs with --import-mode=importlib, which puts nothing on sys.path itself.
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
 
-from tests.models import make_model
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests.models import make_model  # noqa: E402
 
 torch.set_num_threads(2)
 

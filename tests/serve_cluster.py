@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from deployments.config import SERVE_ENV
+from shardline.deployments.config import SERVE_ENV
 
 
 @contextmanager
@@ -19,7 +19,7 @@ def local_serve(num_cpus: int, env: Mapping[str, str] = SERVE_ENV, **ray_init_kw
     import ray
     from ray import serve
 
-    from deployments.server import free_port
+    from shardline.deployments.server import free_port
 
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from engine import AsyncLLMEngine, EngineConfig, LLM, SamplingParams
+from shardline.engine import AsyncLLMEngine, EngineConfig, LLM, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_bad_request_raises_and_others_continue(async_engine):
 def test_a_factory_builds_the_engine_on_the_stepping_thread(model_dir):
     import threading
 
-    from engine import LLMEngine
+    from shardline.engine import LLMEngine
 
     built_on = []
 
@@ -119,7 +119,7 @@ def test_a_request_in_the_running_step_counts_as_running(model_dir):
     import threading
     import time
 
-    from engine import LLMEngine
+    from shardline.engine import LLMEngine
 
     gate = threading.Event()
 

@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from autoscaling.policy import ClusterLoad, PolicyState, QueueDepthConfig, ReplicaMetrics, ScalingDecision, decide
+from shardline.autoscaling.policy import ClusterLoad, PolicyState, QueueDepthConfig, ReplicaMetrics, ScalingDecision, decide
 
 # No trend extrapolation unless a test asks for it: exact counts are easier to assert.
 BASE = QueueDepthConfig(
@@ -313,7 +313,7 @@ def _ctx(metrics: dict, *, current=2, target=2, total=0.0, queued=0.0, state=Non
 
 
 def test_context_becomes_policy_load_from_the_latest_custom_metrics():
-    from autoscaling.serve_policy import load_from_context
+    from shardline.autoscaling.serve_policy import load_from_context
 
     ctx = _ctx({"num_waiting": [3, 1], "num_running": [8, 4], "kv_usage": [0.5, 0.25], "global_queue": [7, 6]}, queued=2)
     ld = load_from_context(ctx, global_queue=5)
@@ -323,21 +323,21 @@ def test_context_becomes_policy_load_from_the_latest_custom_metrics():
 
 
 def test_context_without_raw_series_uses_the_window_aggregate():
-    from autoscaling.serve_policy import load_from_context
+    from shardline.autoscaling.serve_policy import load_from_context
 
     ctx = _ctx({"num_waiting": [2, 2], "num_running": [4, 6]}, raw=False)
     assert load_from_context(ctx).demand == 14
 
 
 def test_context_without_custom_metrics_falls_back_to_serve_ongoing_requests():
-    from autoscaling.serve_policy import load_from_context
+    from shardline.autoscaling.serve_policy import load_from_context
 
     ld = load_from_context(_ctx({}, total=11.0))
     assert ld.replicas == () and ld.demand == 11.0
 
 
 def test_serve_policy_scales_up_keeps_state_and_uses_serve_bounds():
-    from autoscaling.serve_policy import STATE_KEY, QueueDepthPolicy
+    from shardline.autoscaling.serve_policy import STATE_KEY, QueueDepthPolicy
 
     pol = QueueDepthPolicy(**dataclasses.replace(BASE, upscale_delay_s=0.0).to_dict())
     n, state = pol(_ctx({"num_waiting": [10, 10], "num_running": [8, 8]}, state={"other": 1}, hi=6))
@@ -349,7 +349,7 @@ def test_serve_policy_scales_up_keeps_state_and_uses_serve_bounds():
 def test_serve_wrapper_with_our_config_passes_decisions_through():
     from ray.serve.autoscaling_policy import _apply_autoscaling_config
 
-    from autoscaling.serve_policy import QueueDepthPolicy, serve_autoscaling_config
+    from shardline.autoscaling.serve_policy import QueueDepthPolicy, serve_autoscaling_config
 
     cfg = serve_config.AutoscalingConfig(**serve_autoscaling_config(dataclasses.replace(BASE, upscale_delay_s=0.0, downscale_delay_s=0.0, downscale_interval_s=0.0)))
     wrapped = _apply_autoscaling_config(QueueDepthPolicy(**cfg.policy.policy_kwargs))
@@ -362,7 +362,7 @@ def test_serve_wrapper_with_our_config_passes_decisions_through():
 
 
 def test_serve_autoscaling_config_is_valid_and_its_policy_deserializes():
-    from autoscaling.serve_policy import POLICY_PATH, QueueDepthPolicy, serve_autoscaling_config
+    from shardline.autoscaling.serve_policy import POLICY_PATH, QueueDepthPolicy, serve_autoscaling_config
 
     with pytest.warns(DeprecationWarning):  # metrics_interval_s: still how Ray 2.60 sets the push interval
         cfg = serve_config.AutoscalingConfig(**serve_autoscaling_config(BASE, initial_replicas=2))
@@ -375,7 +375,7 @@ def test_serve_autoscaling_config_is_valid_and_its_policy_deserializes():
 
 
 def test_function_form_and_replica_stats():
-    from autoscaling.serve_policy import queue_depth_autoscaling_policy, replica_autoscaling_stats
+    from shardline.autoscaling.serve_policy import queue_depth_autoscaling_policy, replica_autoscaling_stats
 
     n, _ = queue_depth_autoscaling_policy(_ctx({"num_waiting": [0, 0], "num_running": [1, 1]}))
     assert n == 2
@@ -385,7 +385,7 @@ def test_function_form_and_replica_stats():
 
 
 def test_scheduler_queue_reader_never_blocks_and_keeps_one_request_in_flight():
-    from autoscaling.serve_policy import SchedulerQueueReader
+    from shardline.autoscaling.serve_policy import SchedulerQueueReader
 
     sent: list[int] = []
     answered: set[int] = set()
@@ -409,7 +409,7 @@ def test_scheduler_queue_reader_never_blocks_and_keeps_one_request_in_flight():
 
 
 def test_inflight_beyond_the_engine_counts_as_waiting():
-    from autoscaling.serve_policy import load_from_context
+    from shardline.autoscaling.serve_policy import load_from_context
 
     # A burst the engine has not stepped over yet: 9 accepted, the last step saw 2 running, 1 waiting.
     ctx = _ctx({"num_waiting": [1, 0], "num_running": [2, 3], "num_inflight": [9, 3]})
@@ -419,7 +419,7 @@ def test_inflight_beyond_the_engine_counts_as_waiting():
 
 
 def test_drain_marker_marks_each_replica_that_leaves_once_and_survives_failures():
-    from autoscaling.serve_policy import DrainMarker
+    from shardline.autoscaling.serve_policy import DrainMarker
 
     marked: list[str] = []
     marker = DrainMarker(marked.append)
@@ -438,7 +438,7 @@ def test_drain_marker_marks_each_replica_that_leaves_once_and_survives_failures(
 
 
 def test_policy_with_a_scheduler_adds_its_queue_and_marks_removed_replicas(monkeypatch):
-    from autoscaling import serve_policy
+    from shardline.autoscaling import serve_policy
 
     class FakeRef:
         def __init__(self, value):

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from deployments.config import REPLICA_NAME, ServeConfig
-from deployments.status import render_text, summarize
+from shardline.deployments.config import REPLICA_NAME, ServeConfig
+from shardline.deployments.status import render_text, summarize
 
 APP = "shardline"
 
@@ -31,7 +31,7 @@ APP = "shardline"
 def test_autoscaling_fields_build_the_custom_policy_config():
     from ray.serve.config import AutoscalingConfig
 
-    from autoscaling.serve_policy import POLICY_PATH, QueueDepthPolicy
+    from shardline.autoscaling.serve_policy import POLICY_PATH, QueueDepthPolicy
 
     config = ServeConfig(min_replicas=0, max_replicas=4, target_queue_depth=2.5, autoscaling_policy={"kv_high": 0.9})
     policy = config.autoscaling
@@ -77,7 +77,7 @@ def test_replica_drain_outlasts_any_request():
 
 
 def test_build_app_deploys_the_policy_and_a_long_drain():
-    from deployments.app import build_app
+    from shardline.deployments.app import build_app
 
     app = build_app(ServeConfig(max_replicas=3, request_timeout_s=100.0))
     replica = app._bound_deployment.init_args[1]._bound_deployment
@@ -93,7 +93,7 @@ def test_build_app_deploys_the_policy_and_a_long_drain():
 def test_serve_flags_turn_autoscaling_on():
     import argparse
 
-    from deployments.cli import build_config, register
+    from shardline.deployments.cli import build_config, register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
@@ -152,7 +152,7 @@ def _monitor(timeline: Timeline, stop: threading.Event, period_s: float = 0.2) -
     import ray
     from ray.serve.context import _get_global_client
 
-    from deployments.status import fetch_status
+    from shardline.deployments.status import fetch_status
 
     client = _get_global_client()
     while not stop.is_set():
@@ -223,7 +223,7 @@ def live(tmp_path_factory):
     """Ray + Serve on 127.0.0.1 with the app autoscaling under LIVE_POLICY; torn down at the end."""
     from ray import serve
 
-    from deployments.app import build_app
+    from shardline.deployments.app import build_app
     from tests.models import make_model
     from tests.serve_cluster import local_serve
 
@@ -323,7 +323,7 @@ def test_scale_to_zero_holds_requests_until_a_replica_is_ready(live, tmp_path_fa
     from ray import serve
     from ray.serve.context import _get_global_client
 
-    from deployments.app import build_app
+    from shardline.deployments.app import build_app
     from tests.models import make_model
 
     tiny = make_model(tmp_path_factory.mktemp("autoscale-zero"))

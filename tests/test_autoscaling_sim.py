@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from autoscaling.calibration import DEFAULT_CALIBRATION, ReplicaCostModel, load_calibration
-from autoscaling.policy import QueueDepthConfig
-from autoscaling.serve_default import ServeDefaultConfig, ServeDefaultState, WindowedMean, serve_default_decide
-from autoscaling.simulator import (
+from shardline.autoscaling.calibration import DEFAULT_CALIBRATION, ReplicaCostModel, load_calibration
+from shardline.autoscaling.policy import QueueDepthConfig
+from shardline.autoscaling.serve_default import ServeDefaultConfig, ServeDefaultState, WindowedMean, serve_default_decide
+from shardline.autoscaling.simulator import (
     SLO,
     QueueDepthAutoscaler,
     ServeDefaultAutoscaler,
@@ -23,7 +23,7 @@ from autoscaling.simulator import (
     min_static_replicas,
     simulate,
 )
-from autoscaling.traces import TraceRequest, bursty_trace, diurnal_trace, load_trace, make_trace, steady_trace
+from shardline.autoscaling.traces import TraceRequest, bursty_trace, diurnal_trace, load_trace, make_trace, steady_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 SLO_ = SLO(ttft_s=10.0, tpot_s=1.0)
@@ -236,7 +236,7 @@ def test_windowed_mean_sees_samples_only_after_the_push_and_averages_the_window(
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "shardline", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 def test_capacity_cli_says_how_many_replicas():

@@ -66,7 +66,6 @@ def test_engine_throughput_quick_tiny(tmp_path):
 
 def test_serve_load_gives_each_rate_fresh_prompts():
     """A later rate must not find its prompts in the prefix cache an earlier rate filled."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from benchmarks.serve_load import prompts_per_rate
 
     a = prompts_per_rate([2.0, 8.0, float("inf")], 16, 128, 49152, seed=0)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-from cluster.async_scheduler import PARKED_TTL_S, AsyncScheduler
-from cluster.global_queue import Rejection
-from cluster.kv_index import STORED
-from cluster.placement import ReplicaLoad, RouteRequest
-from cluster.scheduler import Assignment, ReplicaReport, RequestUsage, SchedulerConfig
+from shardline.cluster.async_scheduler import PARKED_TTL_S, AsyncScheduler
+from shardline.cluster.global_queue import Rejection
+from shardline.cluster.kv_index import STORED
+from shardline.cluster.placement import ReplicaLoad, RouteRequest
+from shardline.cluster.scheduler import Assignment, ReplicaReport, RequestUsage, SchedulerConfig
 
 
 class Clock:

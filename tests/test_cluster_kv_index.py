@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from cluster.kv_index import REMOVED, STORED, ApplyResult, KVIndex, to_wire
-from engine.kv_cache import ROOT_HASH, BlockRemoved, BlockStored, KVCacheManager, hash_prompt_blocks
+from shardline.cluster.kv_index import REMOVED, STORED, ApplyResult, KVIndex, to_wire
+from shardline.engine.kv_cache import ROOT_HASH, BlockRemoved, BlockStored, KVCacheManager, hash_prompt_blocks
 
 
 def h(i: int) -> bytes:
@@ -153,7 +153,7 @@ def test_index_follows_a_real_block_pool_without_drift():
 
 
 def test_common_prefix_blocks_of_chained_hashes():
-    from cluster.kv_index import common_prefix_blocks
+    from shardline.cluster.kv_index import common_prefix_blocks
 
     ctx = hash_prompt_blocks(list(range(160)), 16)  # 10 blocks
     other = hash_prompt_blocks(list(range(96)) + [7] * 64, 16)  # diverges at block 6
@@ -164,7 +164,7 @@ def test_common_prefix_blocks_of_chained_hashes():
 
 
 def test_running_prompts_match_the_longest_held_prefix_per_replica():
-    from cluster.kv_index import RunningPrompts
+    from shardline.cluster.kv_index import RunningPrompts
 
     ctx = list(range(128))
     a = tuple(hash_prompt_blocks(ctx + [1] * 32, 16))  # 10 blocks

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cluster.kv_index import STORED, KVIndex
-from cluster.placement import (
+from shardline.cluster.kv_index import STORED, KVIndex
+from shardline.cluster.placement import (
     POLICIES,
     KVAwarePolicy,
     Pow2Policy,
@@ -24,8 +24,8 @@ from cluster.placement import (
     make_policy,
     usable_cached_blocks,
 )
-from cluster.replica_load import ReplicaTable
-from engine.kv_cache import hash_prompt_blocks
+from shardline.cluster.replica_load import ReplicaTable
+from shardline.engine.kv_cache import hash_prompt_blocks
 
 BS = 16
 
@@ -298,7 +298,7 @@ def _lcp(a: str, b: str) -> str:
 
 
 def test_replica_table_rows_follow_loads_and_keep_the_join_order():
-    from cluster.replica_load import ReplicaTable
+    from shardline.cluster.replica_load import ReplicaTable
 
     table = ReplicaTable(capacity=2)
     for i in range(5):  # grows past its capacity
@@ -319,8 +319,8 @@ def test_columns_answer_as_one_replica_at_a_time():
     """can_start and kv_aware's cost on a whole table equal the per-replica answers."""
     import random
 
-    from cluster.placement import start_columns
-    from cluster.replica_load import ReplicaTable
+    from shardline.cluster.placement import start_columns
+    from shardline.cluster.replica_load import ReplicaTable
 
     rng = random.Random(7)
     p = KVAwarePolicy()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from cluster.global_queue import GlobalQueue, QueuedRequest, QueueLimits, Rejection
-from cluster.placement import Priority, RouteRequest
+from shardline.cluster.global_queue import GlobalQueue, QueuedRequest, QueueLimits, Rejection
+from shardline.cluster.placement import Priority, RouteRequest
 
 
 def req(rid: str, tenant: str, priority=Priority.INTERACTIVE, tokens=100) -> RouteRequest:

@@ -25,7 +25,6 @@ def test_routing_sim_smoke():
 
 def test_routing_benchmark_workload_oracle_and_figures():
     """benchmarks/routing.py's pure parts (its cluster run is the benchmark itself)."""
-    sys.path.insert(0, str(ROOT))
     from benchmarks.routing import Outcome, Workload, make_arrivals, oracle, summarize
 
     w = Workload(replicas=3, tenants=6, requests=50, rate=10.0, context_tokens=256)
@@ -44,7 +43,6 @@ def test_routing_benchmark_workload_oracle_and_figures():
 
 
 def test_routing_benchmark_model_sets_dtype_and_default_rate():
-    sys.path.insert(0, str(ROOT))
     from benchmarks.routing import BENCH_MODELS, parse_args
 
     w, args = parse_args([])

@@ -6,10 +6,10 @@ from collections import Counter
 
 import pytest
 
-from cluster.global_queue import QueueLimits, Rejection
-from cluster.kv_index import STORED
-from cluster.placement import Priority, ReplicaLoad, RouteRequest
-from cluster.scheduler import (
+from shardline.cluster.global_queue import QueueLimits, Rejection
+from shardline.cluster.kv_index import STORED
+from shardline.cluster.placement import Priority, ReplicaLoad, RouteRequest
+from shardline.cluster.scheduler import (
     Assignment,
     ReplicaReport,
     RequestUsage,
@@ -17,8 +17,8 @@ from cluster.scheduler import (
     SchedulerConfig,
     Ticket,
 )
-from cluster.tenants import Prices, Tenant, TenantRegistry, UsageKey
-from engine.kv_cache import hash_prompt_blocks
+from shardline.cluster.tenants import Prices, Tenant, TenantRegistry, UsageKey
+from shardline.engine.kv_cache import hash_prompt_blocks
 
 BS = 16
 

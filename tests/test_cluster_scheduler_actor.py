@@ -8,9 +8,9 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from cluster.placement import ReplicaLoad, RouteRequest  # noqa: E402
-from cluster.scheduler import ReplicaReport, RequestUsage  # noqa: E402
-from cluster.scheduler_actor import get_scheduler, start_scheduler  # noqa: E402
+from shardline.cluster.placement import ReplicaLoad, RouteRequest  # noqa: E402
+from shardline.cluster.scheduler import ReplicaReport, RequestUsage  # noqa: E402
+from shardline.cluster.scheduler_actor import get_scheduler, start_scheduler  # noqa: E402
 
 pytestmark = pytest.mark.ray
 

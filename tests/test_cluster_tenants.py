@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cluster.tenants import (
+from shardline.cluster.tenants import (
     Prices,
     Tenant,
     TenantRegistry,

@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 
-import kernels
-from kernels import cpu_native, reference
-from kernels.dispatch import resolve
+from shardline import kernels
+from shardline.kernels import cpu_native, reference
+from shardline.kernels.dispatch import resolve
 
 # Without a C compiler the native kernels cannot exist; with one, a failed build is a failure.
 pytestmark = pytest.mark.skipif(
@@ -86,7 +86,7 @@ def test_rotary_matches_reference_on_strided_views(dtype, num_tokens, num_heads,
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     q = qkv[:, :q_size].view(num_tokens, num_heads, head_dim)
     k = qkv[:, q_size : q_size + kv_size].view(num_tokens, num_kv_heads, head_dim)
-    from engine.model import build_rope_cache
+    from shardline.engine.model import build_rope_cache
 
     cache = build_rope_cache(head_dim, 512, 10000.0, None)
     positions = torch.randint(0, 512, (num_tokens,), generator=g)
@@ -217,7 +217,7 @@ def stack_case(dtype, head_dim, bias, decode_lens, chunks, num_layers=2, seed=6)
     """Random weights for a small stack, its caches, and a packed step: one token for each
     context length in decode_lens, then a (cached prefix, new tokens) chunk per prefill.
     Returns (native stack, reference stack (own caches), hidden, positions, meta, rope)."""
-    from engine.model import build_rope_cache
+    from shardline.engine.model import build_rope_cache
 
     g = torch.Generator().manual_seed(seed)
     hidden, heads, kv_heads, inter, block_size = 48, 6, 2, 40, 4
@@ -374,7 +374,7 @@ def test_decoder_stack_is_the_modular_forward_bit_for_bit(model_factory):
     """On a real (random) model's weights, a step of three decodes and two prefill chunks through
     the whole-stack kernel equals the layer-by-layer forward over the same native kernels exactly
     (the same calls, the same rounding points), and the torch reference within rounding."""
-    from engine.weights import build_model
+    from shardline.engine.weights import build_model
 
     folder = model_factory(arch="qwen2", hidden_size=256, num_heads=4, num_kv_heads=2, with_tokenizer=False)  # head_dim 64
     for dtype in (torch.float32, torch.bfloat16):

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from engine import LLM, SamplingParams
+from shardline.engine import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 
@@ -203,7 +203,7 @@ def test_detokenizer_keeps_multibyte_characters_whole(llm):
 
 def test_warm_up_leaves_no_trace(model_dir):
     """A server's warm-up request runs a step but leaves no request, cache entry or KV event behind."""
-    from engine.llm_engine import EngineConfig, LLMEngine
+    from shardline.engine.llm_engine import EngineConfig, LLMEngine
 
     engine = LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=16, block_size=16))
     free = engine.stats()["num_free_blocks"]
@@ -236,7 +236,7 @@ class PassRecorder:
 def run_in_passes(model_dir, prompts, pass_tokens: int, **config):
     """Run `prompts` to the end, their first step with on_first_tokens: every request's tokens, the early
     passes' (request, tokens) lists, and what the first step itself returned."""
-    from engine import EngineConfig, LLMEngine
+    from shardline.engine import EngineConfig, LLMEngine
 
     engine = LLMEngine(
         EngineConfig(model=str(model_dir), num_kv_blocks=256, block_size=4, max_model_len=256,
@@ -256,7 +256,7 @@ def run_in_passes(model_dir, prompts, pass_tokens: int, **config):
 def test_a_mixed_step_runs_its_prefills_first_with_the_same_tokens(model_dir):
     """With on_first_tokens, a step of prefills beside decodes hands the new requests' first tokens
     over after the prefill pass, before the decodes run; every token equals the one-pass step's."""
-    from engine import EngineConfig, LLMEngine
+    from shardline.engine import EngineConfig, LLMEngine
 
     def run(split: bool) -> tuple[dict[str, list[int]], list[list[tuple[str, int]]], bool]:
         engine = LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=256, block_size=4, max_model_len=256))

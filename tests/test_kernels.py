@@ -34,8 +34,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import quant, reference  # noqa: E402
+from shardline import kernels  # noqa: E402
+from shardline.kernels import quant, reference  # noqa: E402
 
 if not sys.platform.startswith("linux"):
     pytest.importorskip("triton", reason="triton is Linux-only")
@@ -76,7 +76,7 @@ def paged_cache(
 
 
 def test_kernels_are_interpreted():
-    from kernels import triton_attention, triton_norm, triton_quant, triton_rotary
+    from shardline.kernels import triton_attention, triton_norm, triton_quant, triton_rotary
 
     for kernel in (
         triton_attention._paged_decode_kernel,
@@ -103,7 +103,7 @@ DECODE_CASES = [
 
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim, block_size, context_lens, dtype, partition", DECODE_CASES)
 def test_paged_attention_decode(num_heads, num_kv_heads, head_dim, block_size, context_lens, dtype, partition):
-    from kernels import triton_attention
+    from shardline.kernels import triton_attention
 
     key_cache, value_cache, tables, lens = paged_cache(context_lens, num_kv_heads, head_dim, block_size, dtype)
     query = torch.randn(len(context_lens), num_heads, head_dim).to(dtype)
@@ -116,7 +116,7 @@ def test_paged_attention_decode(num_heads, num_kv_heads, head_dim, block_size, c
 
 def test_decode_ignores_cache_slots_past_the_context():
     """NaN in unused slots (fresh torch.empty memory) must not leak into the output."""
-    from kernels import triton_attention
+    from shardline.kernels import triton_attention
 
     context_lens = [5, 14, 2]
     key_cache, value_cache, tables, lens = paged_cache(context_lens, 2, 24, 4, torch.float32)
@@ -157,7 +157,7 @@ PREFILL_CASES = [
 
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim, block_size, chunks, dtype", PREFILL_CASES)
 def test_paged_attention_prefill(num_heads, num_kv_heads, head_dim, block_size, chunks, dtype):
-    from kernels import triton_attention
+    from shardline.kernels import triton_attention
 
     context_lens = [prefix + n for prefix, n in chunks]
     key_cache, value_cache, tables, lens = paged_cache(context_lens, num_kv_heads, head_dim, block_size, dtype)
@@ -177,7 +177,7 @@ def test_prefill_through_dispatch():
 
 
 def test_attention_rejects_mismatched_shapes():
-    from kernels import triton_attention
+    from shardline.kernels import triton_attention
 
     key_cache, value_cache, tables, lens = paged_cache([5], 2, 24, 4, torch.float32)
     with pytest.raises(ValueError, match="do not fit"):
@@ -353,7 +353,7 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 def test_the_triton_override_leaves_kernels_without_triton_on_torch(monkeypatch):
     """SHARDLINE_KERNELS=triton (how benchmarks/kernels_gpu.py times the model) must not break a
     kernel that has no Triton version: on the H200 the model's decode step raised here."""
-    from kernels.dispatch import resolve
+    from shardline.kernels.dispatch import resolve
 
     monkeypatch.setenv("SHARDLINE_KERNELS", "triton")
     cuda = torch.device("cuda")  # resolve only reads the device type: no GPU needed
@@ -365,13 +365,13 @@ def test_the_triton_override_leaves_kernels_without_triton_on_torch(monkeypatch)
 
 
 def test_kernels_import_and_run_without_triton():
-    """triton is a Linux-only dev dependency: `import kernels` and the CPU paths must not need it."""
+    """triton is a Linux-only dev dependency: `import shardline.kernels` and the CPU paths must not need it."""
     code = (
         "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
-        "import torch, kernels\n"
+        "import torch\nfrom shardline import kernels\n"
         "x = torch.randn(3, 8)\n"
         "kernels.rms_norm(x, torch.ones(8), 1e-6)\n"
-        "assert not any(m.startswith('kernels.triton') for m in sys.modules)\n"
+        "assert not any(m.startswith('shardline.kernels.triton') for m in sys.modules)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -379,20 +379,15 @@ def test_kernels_import_and_run_without_triton():
 
 def test_gpu_benchmark_cpu_smoke():
     """benchmarks/kernels_gpu.py parses its arguments and checks every kernel on tiny CPU shapes."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import kernels_gpu
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    from benchmarks import kernels_gpu
+
     with pytest.raises(SystemExit) as exc:
         kernels_gpu.parse_args(["--help"])
     assert exc.value.code == 0
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "kernels_gpu.py"), "--cpu-smoke"],
         capture_output=True,
         text=True,
-        env=env,
         timeout=300,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -404,7 +399,6 @@ def test_gpu_benchmark_cpu_smoke():
 def test_kernels_compile_for_h100():
     """Every kernel compiles to a cubin for sm_90 at its GPU tile sizes: what the interpreter cannot check."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "kernels_gpu.py"), "--compile-only", "--compile-dtypes", "bf16"],
         capture_output=True,
@@ -420,11 +414,7 @@ def test_gpu_benchmark_model_step_runs_on_tiny_cpu_shapes():
     the interpreter: the path that crashed on the H200 before any timing."""
     import types
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import kernels_gpu
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    from benchmarks import kernels_gpu
     shape = dict(
         hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=128, vocab_size=128
     )
@@ -448,7 +438,7 @@ def test_gpu_benchmark_model_step_runs_on_tiny_cpu_shapes():
 @pytest.fixture
 def gemv_calls(monkeypatch):
     """Counts launches of the GEMV kernel."""
-    from kernels import triton_quant
+    from shardline.kernels import triton_quant
 
     calls = []
     gemv = triton_quant._gemv
@@ -481,7 +471,7 @@ def test_dequant_gemv_matches_reference(bits, group_size, m, n, k, dtype, gemv_c
 
 def test_dequant_gemv_extreme_weights_are_exact():
     """Every int4 (int8) value at every position of a 32-bit word: q * x summed in fp32 must be exact here."""
-    from kernels import triton_quant
+    from shardline.kernels import triton_quant
 
     for bits, qmin, qmax in ((4, -8, 7), (8, -128, 127)):
         q = torch.arange(qmin, qmax + 1, dtype=torch.int16).repeat(2)[: 32].view(1, 32)
@@ -494,7 +484,7 @@ def test_dequant_gemv_extreme_weights_are_exact():
 
 
 def test_dequant_gemv_dispatch(gemv_calls):
-    from kernels import triton_quant
+    from shardline.kernels import triton_quant
 
     weight, x = torch.randn(24, 128), torch.randn(5, 128)
     qweight, scales = quant.quantize(weight, 32, 4)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.kv_cache import (
+from shardline.engine.kv_cache import (
     ROOT_HASH,
     BlockPool,
     BlockRemoved,

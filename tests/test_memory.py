@@ -1,10 +1,10 @@
-"""Huge-page tensors for weights and the KV cache (engine/memory.py)."""
+"""Huge-page tensors for weights and the KV cache (kernels/memory.py)."""
 
 from __future__ import annotations
 
 import torch
 
-from engine.memory import hugepage_zeros
+from shardline.kernels.memory import hugepage_zeros
 
 
 def _rss_bytes() -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import EngineConfig, LLMEngine, SamplingParams
+from shardline.engine import EngineConfig, LLMEngine, SamplingParams
 from tests.models import load_reference
 
 CASES = {

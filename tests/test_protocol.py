@@ -7,8 +7,8 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from deployments.errors import APIError, from_validation_errors
-from deployments.protocol import SEED_MAX, ChatCompletionRequest, CompletionRequest
+from shardline.deployments.errors import APIError, from_validation_errors
+from shardline.deployments.protocol import SEED_MAX, ChatCompletionRequest, CompletionRequest
 
 
 def completion(**fields):

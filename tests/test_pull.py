@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import pull
-from engine.pull import (
+from shardline.engine import pull
+from shardline.engine.pull import (
     MARKER,
     MODEL_ALIASES,
     WheelSource,

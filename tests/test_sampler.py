@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.sampler import Sampler, SamplingRow, inverse_transform
-from engine.sampling_params import SamplingParams
+from shardline.engine.sampler import Sampler, SamplingRow, inverse_transform
+from shardline.engine.sampling_params import SamplingParams
 
 
 def _rows(params: list[SamplingParams]) -> list[SamplingRow]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine.kv_cache import KVCacheManager
-from engine.request import Request, RequestStatus
-from engine.scheduler import Scheduler, SchedulerConfig
+from shardline.engine.kv_cache import KVCacheManager
+from shardline.engine.request import Request, RequestStatus
+from shardline.engine.scheduler import Scheduler, SchedulerConfig
 
 
 def make_scheduler(num_blocks=16, block_size=4, **budgets) -> Scheduler:

@@ -22,15 +22,15 @@ import httpx
 import openai
 import pytest
 
-from deployments.server import free_port
-from engine.pull import pull_model
+from shardline.deployments.server import free_port
+from shardline.engine.pull import pull_model
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def shardline_command() -> list[str]:
     script = Path(sys.executable).parent / "shardline"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cluster.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "shardline"]
 
 
 def processes_mentioning(marker: str) -> list[str]:

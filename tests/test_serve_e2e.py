@@ -20,10 +20,10 @@ import httpx
 import openai
 import pytest
 
-from deployments.config import REPLICA_NAME, SERVE_ENV, ServeConfig
-from engine import LLM, SamplingParams
-from engine.pull import pull_model
-from engine.tokenizer import Tokenizer
+from shardline.deployments.config import REPLICA_NAME, SERVE_ENV, ServeConfig
+from shardline.engine import LLM, SamplingParams
+from shardline.engine.pull import pull_model
+from shardline.engine.tokenizer import Tokenizer
 from tests.models import make_model
 from tests.serve_cluster import local_serve
 
@@ -43,8 +43,8 @@ def server(tmp_path_factory):
     from ray import serve
     from ray.serve.api import RunTarget
 
-    from deployments.app import build_app
-    from deployments.server import free_port
+    from shardline.deployments.app import build_app
+    from shardline.deployments.server import free_port
 
     pull_model("smollm2-135m", progress=False)
     tiny = make_model(tmp_path_factory.mktemp("serve-tiny"))
@@ -222,7 +222,7 @@ def test_client_disconnect_mid_stream_frees_blocks(server):
 
     address = ray.get_runtime_context().gcs_address
     out = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "status", "--json", "--address", address],
+        [sys.executable, "-m", "shardline", "status", "--json", "--address", address],
         capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr
@@ -329,7 +329,7 @@ def test_bad_requests_do_not_disturb_requests_in_flight(server):
 def global_queue(app: str) -> int:
     import ray
 
-    from cluster.scheduler_actor import get_scheduler, scheduler_name
+    from shardline.cluster.scheduler_actor import get_scheduler, scheduler_name
 
     stats = ray.get(get_scheduler(scheduler_name(app)).stats.remote(), timeout=10)
     return stats.num_queued_interactive + stats.num_queued_batch

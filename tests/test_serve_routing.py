@@ -18,8 +18,8 @@ import time
 import openai
 import pytest
 
-from deployments.config import INGRESS_NAME, ServeConfig
-from engine.tokenizer import Tokenizer
+from shardline.deployments.config import INGRESS_NAME, ServeConfig
+from shardline.engine.tokenizer import Tokenizer
 from tests.models import CORPUS, make_model
 from tests.serve_cluster import local_serve
 
@@ -47,7 +47,7 @@ def cluster(tmp_path_factory):
     from ray import serve
     from ray.serve.api import RunTarget
 
-    from deployments.app import build_app
+    from shardline.deployments.app import build_app
 
     tiny = make_model(tmp_path_factory.mktemp("routing-tiny"))
     contexts, context_blocks = _contexts(Tokenizer(tiny))
@@ -64,7 +64,7 @@ def cluster(tmp_path_factory):
 
 
 def scheduler(app: str):
-    from cluster.scheduler_actor import get_scheduler, scheduler_name
+    from shardline.cluster.scheduler_actor import get_scheduler, scheduler_name
 
     return get_scheduler(scheduler_name(app))
 

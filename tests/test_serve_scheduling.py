@@ -11,20 +11,20 @@ from types import SimpleNamespace
 
 import pytest
 
-from cluster.async_scheduler import AsyncScheduler
-from cluster.global_queue import QueueLimits
-from cluster.scheduler import SchedulerConfig
-from cluster.tenants import Tenant, TenantRegistry
-from deployments.config import ServeConfig
-from deployments.events import Admitted, Delta, GenerateRequest, Rejected
-from deployments.replica import ModelReplica
-from deployments.reporter import ReplicaReporter
-from deployments.router import ReplicaRouter, route_request, salt_keys
-from deployments.scheduling import SchedulerLink, SchedulerUnavailable, scheduler_config
-from deployments.serve_router import ScheduledRequestRouter, pow2_candidates, replica_hint
-from deployments.service import OpenAIService
-from engine import SamplingParams
-from engine.request import Request
+from shardline.cluster.async_scheduler import AsyncScheduler
+from shardline.cluster.global_queue import QueueLimits
+from shardline.cluster.scheduler import SchedulerConfig
+from shardline.cluster.tenants import Tenant, TenantRegistry
+from shardline.deployments.config import ServeConfig
+from shardline.deployments.events import Admitted, Delta, GenerateRequest, Rejected
+from shardline.deployments.replica import ModelReplica
+from shardline.deployments.reporter import ReplicaReporter
+from shardline.deployments.router import ReplicaRouter, route_request, salt_keys
+from shardline.deployments.scheduling import SchedulerLink, SchedulerUnavailable, scheduler_config
+from shardline.deployments.serve_router import ScheduledRequestRouter, pow2_candidates, replica_hint
+from shardline.deployments.service import OpenAIService
+from shardline.engine import SamplingParams
+from shardline.engine.request import Request
 
 BLOCK = 4
 
@@ -214,10 +214,10 @@ def test_router_answers_rejections_and_cancels_a_queued_request(replicas):
 
 
 def test_service_names_the_tenant_by_api_key_then_user(replicas, model_dir):
-    from engine.tokenizer import Tokenizer
+    from shardline.engine.tokenizer import Tokenizer
 
-    from deployments.errors import APIError
-    from deployments.protocol import CompletionRequest
+    from shardline.deployments.errors import APIError
+    from shardline.deployments.protocol import CompletionRequest
 
     config, reps = replicas
     seen: list[GenerateRequest] = []
@@ -304,8 +304,8 @@ class ApplyActor:
 
 
 def test_link_sends_one_turns_places_and_notices_as_one_call():
-    from cluster.scheduler import ReplicaReport
-    from cluster.placement import ReplicaLoad, RouteRequest
+    from shardline.cluster.scheduler import ReplicaReport
+    from shardline.cluster.placement import ReplicaLoad, RouteRequest
 
     async def main():
         sched = AsyncScheduler(tick_s=0.001)
@@ -363,8 +363,8 @@ def test_scheduler_config_from_serve_config():
 
 
 def test_cli_routing_and_tenants_flags(tmp_path, model_dir):
-    from cluster.cli import main
-    from deployments.cli import build_config
+    from shardline.cli import main
+    from shardline.deployments.cli import build_config
 
     tenants = tmp_path / "tenants.yaml"
     tenants.write_text("tenants:\n  - id: acme\n    api_keys: [sk-1]\n    cache_salt: s1\n")
@@ -392,7 +392,7 @@ def test_cli_routing_and_tenants_flags(tmp_path, model_dir):
     assert main(["serve", "--model", str(model_dir), "--tenants", str(bad)]) == 2
     import argparse
 
-    from deployments.cli import register
+    from shardline.deployments.cli import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
@@ -402,7 +402,7 @@ def test_cli_routing_and_tenants_flags(tmp_path, model_dir):
 
 
 def test_status_shows_the_schedulers_global_queue():
-    from deployments.status import render_text, scheduler_summary, summarize
+    from shardline.deployments.status import render_text, scheduler_summary, summarize
 
     sched = AsyncScheduler(SchedulerConfig(policy="kv_aware"))
     sched.core.submit(route_request(request(1, list(range(40))), BLOCK), 0.0)  # no replica yet: it waits

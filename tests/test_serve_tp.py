@@ -11,8 +11,8 @@ ray = pytest.importorskip("ray")
 
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from deployments.config import APP_NAME, REPLICA_NAME, ServeConfig  # noqa: E402
-from engine import LLM, SamplingParams  # noqa: E402
+from shardline.deployments.config import APP_NAME, REPLICA_NAME, ServeConfig  # noqa: E402
+from shardline.engine import LLM, SamplingParams  # noqa: E402
 from tests.models import make_model  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -24,8 +24,8 @@ PROMPT = "The quick brown fox"
 def served(tmp_path_factory):
     from ray import serve
 
-    from deployments.app import build_app
-    from deployments.server import free_port
+    from shardline.deployments.app import build_app
+    from shardline.deployments.server import free_port
 
     folder = make_model(tmp_path_factory.mktemp("tp-serve"), num_heads=4, num_kv_heads=2)
     if ray.is_initialized():

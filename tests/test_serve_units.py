@@ -14,16 +14,16 @@ import httpx
 import pytest
 import yaml
 
-from deployments.admission import ReplicaLoad, admit
-from deployments.config import ServeConfig
-from deployments.events import Admitted, ChoiceDelta, Delta, Failed, GenerateRequest
-from deployments.ingress import Gate, build_openai_app
-from deployments.openai_format import ResponseBuilder
-from deployments.replica import ModelReplica, take_delta
-from deployments.service import OpenAIService
-from deployments.status import render_text, summarize
-from engine import CompletionOutput, Logprob, RequestOutput, SamplingParams
-from engine.tokenizer import Tokenizer
+from shardline.deployments.admission import ReplicaLoad, admit
+from shardline.deployments.config import ServeConfig
+from shardline.deployments.events import Admitted, ChoiceDelta, Delta, Failed, GenerateRequest
+from shardline.deployments.ingress import Gate, build_openai_app
+from shardline.deployments.openai_format import ResponseBuilder
+from shardline.deployments.replica import ModelReplica, take_delta
+from shardline.deployments.service import OpenAIService
+from shardline.deployments.status import render_text, summarize
+from shardline.engine import CompletionOutput, Logprob, RequestOutput, SamplingParams
+from shardline.engine.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -138,16 +138,16 @@ def test_status_summary_counts_replica_states_and_queue():
 def test_serve_yaml_is_a_valid_serve_config_for_the_same_app():
     from ray.serve.schema import ServeDeploySchema
 
-    from deployments.app import app_builder
-    from deployments.cli import load_config_file
+    from shardline.deployments.app import app_builder
+    from shardline.deployments.cli import load_config_file
 
     raw = yaml.safe_load((REPO / "serve.yaml").read_text())
     schema = ServeDeploySchema.model_validate(raw)
-    assert schema.applications[0].import_path == "deployments.app:app_builder"
+    assert schema.applications[0].import_path == "shardline.deployments.app:app_builder"
     fields, http = load_config_file(str(REPO / "serve.yaml"))
     config = ServeConfig(**fields)
     assert config.model == "smollm2-135m" and http["port"] == 8000
-    from deployments.config import REPLICA_ENV
+    from shardline.deployments.config import REPLICA_ENV
 
     assert raw["applications"][0]["runtime_env"]["env_vars"] == REPLICA_ENV  # what `shardline serve` sets
     app = app_builder(fields)  # builds the graph without a cluster
@@ -157,7 +157,7 @@ def test_serve_yaml_is_a_valid_serve_config_for_the_same_app():
 
 
 def test_cli_flags_override_the_config_file(tmp_path):
-    from deployments.cli import build_config
+    from shardline.deployments.cli import build_config
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"model": "a", "max_queue_len": 3, "num_replicas": 2}))
@@ -185,7 +185,7 @@ def test_cli_flags_override_the_config_file(tmp_path):
 
 def test_replicas_of_a_local_cluster_share_the_machines_cores(tmp_path):
     """Ray sets an actor's OMP_NUM_THREADS to its num_cpus: one reserved CPU is one core of the engine."""
-    from deployments.cli import build_config
+    from shardline.deployments.cli import build_config
 
     class Args:
         config = None
@@ -216,7 +216,7 @@ def test_cpu_shares_count_every_rank_and_never_fall_below_one():
 def test_serve_settings_are_names_ray_reads():
     import ray.serve._private.constants as constants
 
-    from deployments.config import REPLICA_ENV, SERVE_ENV
+    from shardline.deployments.config import REPLICA_ENV, SERVE_ENV
 
     source = Path(constants.__file__).read_text()
     assert REPLICA_ENV.items() >= SERVE_ENV.items()
@@ -231,7 +231,7 @@ def test_serve_processes_stream_over_grpc():
     """What SERVE_ENV turns on, read the way Serve reads it (a fresh interpreter): gRPC between
     replicas, and in the replicas (REPLICA_ENV) our code and the handles' routers on the replica's
     own event loop, but not in other processes, whose handles are called synchronously."""
-    from deployments.config import REPLICA_ENV, SERVE_ENV
+    from shardline.deployments.config import REPLICA_ENV, SERVE_ENV
 
     code = (
         "import ray.serve._private.constants as c; print(c.RAY_SERVE_USE_GRPC_BY_DEFAULT, c.RAY_SERVE_PROXY_USE_GRPC,"
@@ -257,7 +257,7 @@ def test_ray_cluster_yaml_passes_rays_own_validation():
     assert any("RAY_AUTH_MODE=token" in c and "--num-gpus" in c for c in config["worker_start_ray_commands"])
     assert "~/.ray/auth_token" in config["file_mounts"]
     assert any("shardline serve" in c for c in config["head_start_ray_commands"])
-    from deployments.config import SERVE_ENV
+    from shardline.deployments.config import SERVE_ENV
 
     for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
         ray_start = next(c for c in commands if "ray start" in c)
@@ -398,8 +398,8 @@ def test_ingress_listeners_share_one_port_and_stream(model_dir):
     another program is a clear error; stopped, the port is free again."""
     import socket
 
-    from deployments.http_listener import HttpListener
-    from deployments.server import free_port
+    from shardline.deployments.http_listener import HttpListener
+    from shardline.deployments.server import free_port
 
     events = [Admitted(3), Delta([ChoiceDelta(0, "Hel", [1])]), Delta([ChoiceDelta(0, "lo", [2], None, "stop")], 0, True)]
     port = free_port()
@@ -446,7 +446,7 @@ def test_ingress_listeners_share_one_port_and_stream(model_dir):
 
 
 def test_an_ingress_with_its_own_listener_runs_on_the_head_node():
-    from deployments.app import HEAD_NODE_RESOURCE, ingress_actor_options
+    from shardline.deployments.app import HEAD_NODE_RESOURCE, ingress_actor_options
 
     assert "resources" not in ingress_actor_options(ServeConfig(), {})  # behind Serve's proxy: anywhere
     options = ingress_actor_options(ServeConfig(http_port=8000), {})
@@ -544,7 +544,7 @@ def test_freeze_startup_heap_takes_long_lived_objects_out_of_full_collections():
     slow; after freeze_startup_heap it skips them, and garbage made later is still collected."""
     code = """
 import gc, time
-from deployments.app import freeze_startup_heap
+from shardline.deployments.app import freeze_startup_heap
 keep = [[i] for i in range(300_000)]
 def full():
     t = time.perf_counter(); gc.collect(); return time.perf_counter() - t

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from engine.shm_comm import SharedMemoryComm
+from shardline.engine.shm_comm import SharedMemoryComm
 
 
 def _worker(path: str, rank: int, world: int, iters: int, queue) -> None:

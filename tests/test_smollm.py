@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from engine import LLM, SamplingParams
-from engine.pull import pull_model
+from shardline.engine import LLM, SamplingParams
+from shardline.engine.pull import pull_model
 
 pytestmark = pytest.mark.slow
 
@@ -40,13 +40,13 @@ def test_repeated_chat_reports_cached_prompt_tokens(smollm):
 
 def test_cli_generate_and_errors():
     ok = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "generate", "-q", "--chat", "--max-tokens", "24", "What is the capital of France?"],
+        [sys.executable, "-m", "shardline", "generate", "-q", "--chat", "--max-tokens", "24", "What is the capital of France?"],
         capture_output=True, text=True, timeout=300,
     )
     assert ok.returncode == 0, ok.stderr
     assert "Paris" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "--model", "no-such", "x"], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-m", "shardline", "generate", "--model", "no-such", "x"], capture_output=True, text=True)
     assert bad.returncode == 2
     assert len(bad.stderr.strip().splitlines()) == 1 and "known aliases" in bad.stderr
-    helped = subprocess.run([sys.executable, "-m", "cluster.cli", "--help"], capture_output=True, text=True)
+    helped = subprocess.run([sys.executable, "-m", "shardline", "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "pull" in helped.stdout

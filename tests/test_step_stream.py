@@ -14,12 +14,12 @@ import asyncio
 
 import pytest
 
-from deployments.config import ServeConfig
-from deployments.events import Admitted, ChoiceDelta, Delta, Failed, GenerateRequest
-from deployments.replica import ModelReplica
-from deployments.router import ReplicaRouter
-from deployments.step_stream import NotHere, Outboxes, StepStreams, Subscription
-from engine.sampling_params import SamplingParams
+from shardline.deployments.config import ServeConfig
+from shardline.deployments.events import Admitted, ChoiceDelta, Delta, Failed, GenerateRequest
+from shardline.deployments.replica import ModelReplica
+from shardline.deployments.router import ReplicaRouter
+from shardline.deployments.step_stream import NotHere, Outboxes, StepStreams, Subscription
+from shardline.engine.sampling_params import SamplingParams
 
 
 def run(coro):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.distributed import LocalProcessLauncher
-from engine.tensor_parallel import shard_heads, split_range
+from shardline.engine import EngineConfig, LLMEngine, SamplingParams
+from shardline.engine.distributed import LocalProcessLauncher
+from shardline.engine.tensor_parallel import shard_heads, split_range
 from tests.test_model_parity import LogitRecorder, run_engine
 
 

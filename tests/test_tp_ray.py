@@ -15,7 +15,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util.placement_group import placement_group, remove_placement_group  # noqa: E402
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: E402
 
-from engine import LLM, SamplingParams  # noqa: E402
+from shardline.engine import LLM, SamplingParams  # noqa: E402
 
 pytestmark = pytest.mark.ray
 

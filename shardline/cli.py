@@ -2,6 +2,10 @@
 
     shardline pull smollm2-135m            fetch a model into ~/.cache/shardline/models
     shardline generate --model M "prompt"  run prompts offline through the engine
+    shardline serve | status               the served app (shardline.deployments.cli)
+    shardline capacity                     replicas for a load (shardline.autoscaling.cli)
+
+It sits above every layer: the one module that gathers the commands of all of them.
 
 Every failure prints one line on stderr and exits with status 2 (bad
 input) or 1 (a runtime failure); no traceback for expected errors.
@@ -19,7 +23,7 @@ class CLIError(Exception):
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
-    from engine.pull import pull_model
+    from shardline.engine.pull import pull_model
 
     path = pull_model(args.alias, progress=not args.quiet)
     print(path)
@@ -27,7 +31,7 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from engine import LLM, SamplingParams
+    from shardline.engine import LLM, SamplingParams
 
     llm = LLM(
         args.model,
@@ -84,16 +88,17 @@ _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
 def _load_extra_commands() -> None:
-    import importlib
-
-    for module in ("deployments.cli", "autoscaling.cli"):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name and module.startswith(e.name):
-                continue  # that part of the project is not installed
+    """Add `serve`, `status` and `capacity`; leave them out where the `serve` extra is not installed."""
+    if _EXTRA_COMMANDS:
+        return
+    try:
+        from shardline.autoscaling import cli as autoscaling_cli
+        from shardline.deployments import cli as deployments_cli
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] == "shardline":
             raise
-        _EXTRA_COMMANDS.append(mod.register)
+        return  # ray, pydantic, ...: pip install 'shardline[serve]'
+    _EXTRA_COMMANDS.extend([deployments_cli.register, autoscaling_cli.register])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
