@@ -169,25 +169,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _connect(address: str) -> None:
-    import logging
+    from shardline.deployments.cluster_address import join
+    from shardline.deployments.server import quiet_serve_notices
 
-    import ray
-
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no "Started router" chatter in the report
-    if address == "auto":
-        # RAY_ADDRESS, else the cluster last started here (Ray's address file). NOTE: Ray's own
-        # "auto" then falls back to any gcs_server process it can see, another user's included
-        # (the PID namespace is shared even where the network is not), and hangs on one it cannot reach.
-        from ray._private.utils import read_ray_address
-
-        found = os.environ.get("RAY_ADDRESS") or read_ray_address()
-        if not found:
-            raise ValueError("no Ray cluster at 'auto': none was started on this machine (RAY_ADDRESS is unset)")
-        address = found
-    try:
-        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
-    except ConnectionError as e:
-        raise ValueError(f"no Ray cluster at {address!r}: {str(e).splitlines()[0]}") from None
+    quiet_serve_notices()  # no "Started router" chatter in the report
+    join(address, log_to_driver=False, logging_level="ERROR")
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

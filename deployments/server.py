@@ -1,10 +1,15 @@
 """`shardline serve` in the foreground: start (or join) Ray, deploy, wait, drain, stop.
 
-Shutdown, on SIGINT or SIGTERM:
+A cluster this process starts is recorded where Ray's clients look for one
+(Ray's address file, as `ray start` writes it), so that `shardline status`
+and any `ray.init(address="auto")` on this machine find it; the record goes
+when the cluster does.
+
+Shutdown, on SIGINT or SIGTERM (one line said, exit status 0):
 
 1. every ingress replica starts draining: new requests get 503, /health too;
 2. wait until the requests in flight finish, at most `graceful_shutdown_s`;
-3. shut Serve down (our app only, when we joined someone else's cluster);
+3. our app and its scheduler go, when we joined someone else's cluster;
 4. `ray.shutdown()`: a cluster this process started goes with it, leaving no
    raylet or GCS behind.
 
@@ -14,6 +19,7 @@ A second Ctrl-C skips the wait.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import signal
 import socket
@@ -23,6 +29,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from shardline.deployments import cluster_address
 from shardline.deployments.config import APP_NAME, INGRESS_NAME, SERVE_ENV, ServeConfig
 
 
@@ -46,6 +53,17 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def quiet_serve_notices() -> None:
+    """Serve's INFO notices in this (driver) process off: "Started Serve", "Started <router>",
+    "Application ... is ready at" its proxy's address, which `shardline serve` does not run.
+
+    Importing ray.serve sets its logger's level, so this imports it first.
+    """
+    import ray.serve  # noqa: F401
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -53,8 +71,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def check_port_free(host: str, port: int) -> None:
-    """ValueError when host:port is taken: fail before Ray starts, not after a minute of retries."""
+    """ValueError when something listens on host:port: fail before Ray starts, not after a minute of retries.
+
+    SO_REUSEADDR, as the listener itself binds: the last run's connections waiting out TIME_WAIT
+    on the port do not keep a new server from it; a live listener still does.
+    """
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
@@ -68,7 +91,7 @@ def start_ray(config: ServeConfig, options: ServerOptions) -> tuple[bool, Option
     for key, value in SERVE_ENV.items():
         os.environ.setdefault(key, value)  # inherited by the raylet, hence by every worker
     if options.address:
-        ray.init(address=options.address, log_to_driver=False)
+        cluster_address.join(options.address, log_to_driver=False)
         return False, None
     metrics_port = options.metrics_port or free_port()
     replicas = config.max_model_replicas
@@ -82,6 +105,7 @@ def start_ray(config: ServeConfig, options: ServerOptions) -> tuple[bool, Option
     if _is_loopback(options.host):
         kwargs["_node_ip_address"] = "127.0.0.1"  # nothing of Ray listens beyond this machine
     ray.init(**kwargs)
+    cluster_address.record(ray.get_runtime_context().gcs_address)
     return True, metrics_port
 
 
@@ -130,17 +154,17 @@ def drain(app_name: str, grace_s: float, poll_s: float = 0.2) -> int:
 
 
 def stop(options: ServerOptions, started_ray: bool) -> None:
+    """Take our app off the cluster, then leave it; a cluster we started goes whole with
+    `ray.shutdown()` (Serve's own shutdown would only add its controller's retries to the log)."""
     import ray
     from ray import serve
 
     from shardline.deployments.scheduling import stop_scheduler
 
-    if started_ray:
-        serve.shutdown()
-    else:
+    if not started_ray:
         serve.delete(options.app_name)
         stop_scheduler(options.app_name)  # detached: it would outlive the app
-    ray.shutdown()
+    _shutdown_ray_if_connected()
 
 
 def banner(config: ServeConfig, options: ServerOptions, metrics_port: Optional[int]) -> str:
@@ -165,42 +189,49 @@ def serve_forever(
 ) -> int:
     """Run until SIGINT/SIGTERM, then drain and stop. Returns the exit status."""
     stop_event = threading.Event()
-    signals = {signal.SIGINT: None, signal.SIGTERM: None}
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def on_signal(signum, _frame):
         if stop_event.is_set():  # a second signal: stop waiting for requests in flight
             raise KeyboardInterrupt
         stop_event.set()
 
-    for sig in signals:
-        signals[sig] = signal.signal(sig, on_signal)
+    def take_signals() -> None:
+        for sig in previous:
+            signal.signal(sig, on_signal)
+
+    take_signals()
+    quiet_serve_notices()
     started_ray = False
     try:
         started_ray, metrics_port = start_ray(config, options)
+        # Ray's core worker installs a SIGTERM handler of its own (a native stack dump, then exit):
+        # take it back.
+        take_signals()
         deploy(config, options)
         host = "127.0.0.1" if options.host in ("0.0.0.0", "::") else options.host
         wait_healthy(f"http://{host}:{options.port}")
         print_fn(banner(config, options, metrics_port))
         while not stop_event.wait(0.5):
             pass
-        print_fn("shardline: draining (Ctrl-C again to stop now)")
+        print_fn(f"shardline: stopping: draining requests in flight, at most {config.graceful_shutdown_s:g} s (Ctrl-C again: now)")
         cut = drain(options.app_name, config.graceful_shutdown_s)
         if cut:
             print_fn(f"shardline: grace period over, cutting {cut} request(s)")
         stop(options, started_ray)
-        print_fn("shardline: stopped")
         return 0
     except KeyboardInterrupt:
         return 130
     finally:
-        for sig, previous in signals.items():
-            signal.signal(sig, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         _shutdown_ray_if_connected()
 
 
 def _shutdown_ray_if_connected() -> None:
-    """After a failed start or a forced stop: leave no cluster of ours behind."""
+    """Leave the cluster (a cluster this process started stops with it, and its record goes)."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
+    cluster_address.forget()

@@ -15,6 +15,7 @@ the report out. `fetch_status` does the I/O against a running cluster.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Optional
 
 from shardline.deployments.config import INGRESS_NAME, REPLICA_NAME
@@ -143,10 +144,24 @@ def fetch_status(app_name: str, timeout_s: float = 10.0) -> dict[str, Any]:
     stats: list[dict[str, Any]] = []
     scheduler = None
     if app_name in (details.get("applications") or {}):
-        handle = serve.get_deployment_handle(REPLICA_NAME, app_name)
-        stats = list(handle.broadcast("stats").results(timeout_s=timeout_s))
+        stats = _broadcast_stats(serve.get_deployment_handle(REPLICA_NAME, app_name), timeout_s)
         scheduler = fetch_scheduler_stats(app_name, timeout_s)
     return summarize(details, app_name, sorted(stats, key=lambda s: str(s.get("replica_id"))), scheduler)
+
+
+def _broadcast_stats(handle, timeout_s: float) -> list[dict[str, Any]]:
+    """Every replica's stats. A process that just joined the cluster learns the replicas from
+    Serve's controller a moment after its first call: until then the broadcast finds none."""
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return list(handle.broadcast("stats").results(timeout_s=timeout_s))
+        except DeploymentUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def fetch_scheduler_stats(app_name: str, timeout_s: float = 10.0) -> Optional[dict[str, Any]]:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.wheel_smoke import build_wheel
+
 ROOT = Path(__file__).resolve().parent.parent
 SUBPACKAGES = ("kernels", "engine", "deployments", "cluster", "autoscaling")
 BIN = Path(sys.executable).parent
@@ -83,13 +85,7 @@ def test_import_contracts_catch_a_break(tmp_path, path, source, contract):
 def test_wheel_installs_only_the_shardline_namespace(tmp_path):
     """Nothing but `shardline` and its dist-info go into site-packages; data files and the
     launcher entry point travel with it."""
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    (wheel,) = tmp_path.glob("shardline-*.whl")
+    wheel = build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     dist_info = next(n.split("/")[0] for n in names if n.split("/")[0].endswith(".dist-info"))
     assert {n.split("/")[0] for n in names} == {"shardline", dist_info}

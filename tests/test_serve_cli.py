@@ -116,7 +116,95 @@ def test_serve_answers_and_shuts_down_cleanly_on_sigint():
         assert json.loads(events[-2])["usage"]["completion_tokens"] == 200
         assert saw_draining, "new requests were still taken while draining"
         assert proc.wait(timeout=120) == 0, "".join(output[-40:])
-        assert "shardline: stopped" in "".join(output)
+        assert "shardline: stopping: draining" in "".join(output)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 30
+    while processes_mentioning(ray_tmp) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert processes_mentioning(ray_tmp) == []
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_port_left_in_time_wait_is_free_but_a_listener_is_not():
+    """The last run's server-side connections in TIME_WAIT must not keep a restarted server off its port."""
+    from shardline.deployments.server import check_port_free
+
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's listener does
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        with pytest.raises(ValueError, match=f"cannot serve on 127.0.0.1:{port}"):
+            check_port_free("127.0.0.1", port)
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = server.accept()
+        conn.close()  # the server closes first: its side waits out TIME_WAIT
+        client.recv(1)
+        client.close()
+    states = Path("/proc/net/tcp").read_text()
+    assert f":{port:04X} " in states  # the TIME_WAIT socket is still there
+    check_port_free("127.0.0.1", port)
+
+
+def start_serve(model: Path, port: int, env: dict[str, str]) -> tuple[subprocess.Popen, list[str]]:
+    """`shardline serve` on `model` in the background; returns it and its output, once it serves."""
+    proc = subprocess.Popen(
+        shardline_command() + ["serve", "--model", str(model), "--port", str(port), "--num-kv-blocks", "64"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=env["RAY_TMPDIR"],
+    )
+    output: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            output.append(line)
+            if line.startswith("  status:"):
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not ready.wait(240):
+        proc.kill()
+        raise AssertionError("".join(output[-40:]))
+    return proc, output
+
+
+def test_status_finds_the_server_and_a_sigterm_stops_it_for_an_immediate_restart(model_dir):
+    """As a user types it: `shardline status` from a second process finds the cluster `shardline serve`
+    started (by itself and given the address), SIGTERM stops the server with one line and exit 0,
+    and a server started at once on the same port serves."""
+    port = free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="sl-ray-", dir="/tmp")  # its address file and sessions: this test's own
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1")
+    address_file = Path(ray_tmp) / "ray" / "ray_current_cluster"
+    proc, output = start_serve(model_dir, port, env)
+    try:
+        address = address_file.read_text().strip()
+        assert address.startswith("127.0.0.1:")
+        for flags in ([], ["--address", address]):
+            out = subprocess.run(shardline_command() + ["status", "--json", *flags], capture_output=True, text=True, env=env, timeout=120)
+            assert out.returncode == 0, out.stderr[-2000:]
+            report = json.loads(out.stdout)
+            assert [len(d["replicas"]) for d in report["deployments"] if d["name"] == "ModelReplica"] == [1]
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:  # a kept-alive connection
+            for _ in range(3):
+                assert http.get("/v1/models").status_code == 200
+            before = len(output)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0, "".join(output[-40:])
+        said = "".join(output[before:])
+        assert "SIGTERM received" not in said and "Traceback" not in said, said
+        assert [line for line in said.splitlines() if line.strip()] == [
+            "shardline: stopping: draining requests in flight, at most 30 s (Ctrl-C again: now)"
+        ]
+        assert not address_file.exists()
+
+        proc, output = start_serve(model_dir, port, env)  # at once, on the same port
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=60).status_code == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, "".join(output[-40:])
     finally:
         if proc.poll() is None:
             proc.kill()

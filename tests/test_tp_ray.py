@@ -130,3 +130,49 @@ def test_killed_shard_fails_cleanly(cluster, model_factory):
     finally:
         ray.kill(replica)
         remove_placement_group(pg)
+
+
+def actor_dead(actor) -> bool:
+    try:
+        ray.get(actor.info.remote(), timeout=30)
+    except ray.exceptions.RayActorError:
+        return True
+    return False
+
+
+def test_tensor_parallel_llms_built_one_after_another_in_one_process(cluster, model_factory):
+    """TP=1, TP=2, then the same on a second model, in this process, each LLM dropped with `del`:
+    each releases its shard actors and process group, and the next one starts (it used to wait on
+    the last one's ranks until gloo's timeout). Then once more in a `with` block."""
+    import gc
+
+    import torch.distributed as dist
+
+    folders = [
+        model_factory(num_heads=4, num_kv_heads=2, hidden_size=64, with_tokenizer=False),
+        model_factory(num_heads=6, num_kv_heads=1, hidden_size=48, intermediate_size=100, vocab_size=301, with_tokenizer=False),
+    ]
+    kwargs = dict(num_kv_blocks=64, block_size=4, dtype="float32")
+    for folder in folders:
+        expected = single_rank(folder)
+        started = time.monotonic()
+        llm = LLM(str(folder), tensor_parallel_size=2, **kwargs)
+        outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == [tokens for tokens, _ in expected]
+        shards = list(llm.engine.tp_group.launcher.actors)
+        del llm, outs
+        gc.collect()
+        assert not dist.is_initialized()
+        assert all(actor_dead(a) for a in shards)
+        assert time.monotonic() - started < 90  # nothing waited out a timeout
+    with LLM(str(folders[0]), tensor_parallel_size=2, **kwargs) as llm:
+        shards = list(llm.engine.tp_group.launcher.actors)
+        assert len(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == len(PROMPTS)
+    assert not dist.is_initialized() and all(actor_dead(a) for a in shards)
+
+
+def test_a_second_live_tensor_parallel_llm_is_refused_in_one_line(cluster, model_factory):
+    folder = model_factory(num_heads=4, num_kv_heads=2, hidden_size=64, with_tokenizer=False)
+    with LLM(str(folder), tensor_parallel_size=2, num_kv_blocks=64, block_size=4):
+        with pytest.raises(RuntimeError, match="already runs in this process"):
+            LLM(str(folder), tensor_parallel_size=2, num_kv_blocks=64, block_size=4)

@@ -14,6 +14,7 @@ collect it.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,26 @@ assert not taken, f"top-level names installed beside shardline: {taken}"
 """
 
 
+def build_wheel(dest: Path) -> Path:
+    """Build the wheel from a copy of the files git would commit (tracked, or new and not
+    ignored), so that nothing but them goes in and setuptools' build/ stays out of the tree."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, check=True,
+    ).stdout.decode().split("\0")
+    src = dest / "src"
+    for rel in filter(None, listed):
+        if (ROOT / rel).is_file():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, src / rel)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dest), str(src)],
+        check=True, capture_output=True, timeout=300,
+    )
+    (wheel,) = dest.glob("shardline-*.whl")
+    return wheel
+
+
 def step(what: str, cmd: list[str], cwd: Path) -> str:
     """Run one check; print what it was and how long it took; stop at the first failure."""
     started = time.perf_counter()
@@ -59,8 +80,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="shardline-wheel-") as tmp:
         scratch = Path(tmp)
         wheels, venv, model = scratch / "wheels", scratch / "venv", scratch / "model"
-        step("build the wheel", [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)], scratch)
-        (wheel,) = wheels.glob("shardline-*.whl")
+        wheels.mkdir()
+        wheel = build_wheel(wheels)
+        print(f"wheel smoke: built {wheel.name}", flush=True)
         step("create a fresh venv", [sys.executable, "-m", "venv", str(venv)], scratch)
         py = str(venv / "bin" / "python")
         pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "-c", str(lock)]
