@@ -5,7 +5,7 @@ Python, simulated time: each replica is the engine's own continuous-batching
 `Scheduler` over its own `KVCacheManager` (the real prefix hashing, LRU
 eviction and preemption), with no model: a step takes
 `step_base_ms + step_token_ms * batched tokens` of simulated time and
-samples a dummy token. The head node is the real `cluster.scheduler.Scheduler`:
+samples a dummy token. The head node is the real `cluster.scheduler.ClusterScheduler`:
 replicas report load, KV events and admitted ids after every step; requests
 bind late from the global queue.
 
@@ -40,7 +40,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: never shadows
 
 from shardline.cluster.global_queue import QueueLimits  # noqa: E402
 from shardline.cluster.placement import POLICIES, ReplicaLoad, RouteRequest  # noqa: E402
-from shardline.cluster.scheduler import ReplicaReport, RequestUsage, Scheduler, SchedulerConfig  # noqa: E402
+from shardline.cluster.scheduler import ReplicaReport, RequestUsage, ClusterScheduler, ClusterSchedulerConfig  # noqa: E402
 from shardline.cluster.tenants import Tenant, TenantRegistry  # noqa: E402
 from shardline.engine.kv_cache import KVCacheManager, hash_prompt_blocks  # noqa: E402
 from shardline.engine.request import Request  # noqa: E402
@@ -111,8 +111,8 @@ class SimReplica:
 
 def run_policy(w: Workload, policy: str, arrivals: list[Arrival], knobs: dict | None = None) -> dict:
     # No admission limits: the simulation measures queueing, not rejections.
-    core = Scheduler(
-        SchedulerConfig(policy=policy, policy_knobs=knobs or {}, queue=QueueLimits(max_queued=1 << 30)),
+    core = ClusterScheduler(
+        ClusterSchedulerConfig(policy=policy, policy_knobs=knobs or {}, queue=QueueLimits(max_queued=1 << 30)),
         TenantRegistry(default=Tenant("anonymous", max_queued=1 << 30)),
     )
     replicas = {}
@@ -247,7 +247,7 @@ def measure_capacity(num_replicas: int, prompt_blocks: int = 128, n: int = 3000,
     Each replica's index holds one of 20 tenant contexts of `prompt_blocks`
     blocks; each request carries one of those contexts plus a question.
     """
-    s = Scheduler(SchedulerConfig(queue=QueueLimits(max_queued=1 << 30)))
+    s = ClusterScheduler(ClusterSchedulerConfig(queue=QueueLimits(max_queued=1 << 30)))
     rng = random.Random(seed)
     contexts = [tuple(rng.randbytes(32) for _ in range(prompt_blocks)) for _ in range(20)]
     for r in range(num_replicas):

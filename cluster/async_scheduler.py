@@ -27,8 +27,8 @@ from shardline.cluster.scheduler import (
     ReplicaReport,
     ReportReply,
     RequestUsage,
-    Scheduler,
-    SchedulerConfig,
+    ClusterScheduler,
+    ClusterSchedulerConfig,
     SchedulerStats,
 )
 from shardline.cluster.tenants import TenantRegistry, Usage, UsageKey
@@ -38,7 +38,7 @@ PARKED_TTL_S = 60.0
 
 
 class AsyncScheduler:
-    """`Scheduler` behind asyncio futures.
+    """`ClusterScheduler` behind asyncio futures.
 
     Args:
         config: the core's knobs.
@@ -50,14 +50,14 @@ class AsyncScheduler:
 
     def __init__(
         self,
-        config: SchedulerConfig = SchedulerConfig(),
+        config: ClusterSchedulerConfig = ClusterSchedulerConfig(),
         tenants: TenantRegistry | str | Path | None = None,
         clock: Callable[[], float] = time.monotonic,
         tick_s: float = 0.02,
     ):
         if isinstance(tenants, (str, Path)):
             tenants = TenantRegistry.from_file(tenants)
-        self.core = Scheduler(config, tenants)
+        self.core = ClusterScheduler(config, tenants)
         self._clock = clock
         self.tick_s = tick_s
         self._waiters: dict[str, asyncio.Future[Assignment | Rejection]] = {}
@@ -67,8 +67,8 @@ class AsyncScheduler:
         self._parked: dict[str, tuple[asyncio.Future[Assignment | Rejection], float]] = {}
         self._ticker: asyncio.Task | None = None
 
-    def reconfigure(self, config: SchedulerConfig, tenants: TenantRegistry | str | Path | None = None) -> None:
-        """New knobs for the running scheduler (see `Scheduler.reconfigure`)."""
+    def reconfigure(self, config: ClusterSchedulerConfig, tenants: TenantRegistry | str | Path | None = None) -> None:
+        """New knobs for the running scheduler (see `ClusterScheduler.reconfigure`)."""
         if isinstance(tenants, (str, Path)):
             tenants = TenantRegistry.from_file(tenants)
         self.core.reconfigure(config, tenants)

@@ -58,7 +58,7 @@ from shardline.cluster.tenants import TenantRegistry, Usage, UsageKey, UsageLedg
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
+class ClusterSchedulerConfig:
     """Knobs of the scheduler.
 
     Args:
@@ -99,7 +99,7 @@ class ReplicaReport:
     load: ReplicaLoad
     # KV events since the previous report, oldest first (wire tuples or engine events).
     events: tuple[WireEvent, ...] = ()
-    # Scheduler request ids that reached the replica since its previous report.
+    # ClusterScheduler request ids that reached the replica since its previous report.
     admitted_ids: tuple[str, ...] = ()
 
 
@@ -221,7 +221,7 @@ class _Replica:
             self.pending_tokens -= b.tokens
 
 
-class Scheduler:
+class ClusterScheduler:
     """Global queue + exact KV index + replica loads + placement policy.
 
     Args:
@@ -229,7 +229,7 @@ class Scheduler:
         tenants: tenant records (weights, queue limits, prices); default: anonymous only.
     """
 
-    def __init__(self, config: SchedulerConfig = SchedulerConfig(), tenants: TenantRegistry | None = None):
+    def __init__(self, config: ClusterSchedulerConfig = ClusterSchedulerConfig(), tenants: TenantRegistry | None = None):
         self.config = config
         self.tenants = tenants or TenantRegistry()
         self.policy = make_policy(config.policy, **dict(config.policy_knobs))
@@ -251,7 +251,7 @@ class Scheduler:
         self._finished_prompt_tokens = 0
         self._finished_cached_tokens = 0
 
-    def reconfigure(self, config: SchedulerConfig, tenants: TenantRegistry | None = None) -> None:
+    def reconfigure(self, config: ClusterSchedulerConfig, tenants: TenantRegistry | None = None) -> None:
         """Take new knobs (an app redeployed with other settings) and keep the index and queue.
 
         The policy object is replaced only when its name or knobs change, so

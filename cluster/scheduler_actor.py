@@ -15,7 +15,7 @@ from pathlib import Path
 import ray
 
 from shardline.cluster.async_scheduler import AsyncScheduler
-from shardline.cluster.scheduler import SchedulerConfig
+from shardline.cluster.scheduler import ClusterSchedulerConfig
 from shardline.cluster.tenants import TenantRegistry
 
 DEFAULT_NAME = "shardline-scheduler"
@@ -35,7 +35,7 @@ def scheduler_name(app_name: str) -> str:
 
 
 def start_scheduler(
-    config: SchedulerConfig = SchedulerConfig(),
+    config: ClusterSchedulerConfig = ClusterSchedulerConfig(),
     tenants: TenantRegistry | str | Path | None = None,
     name: str = DEFAULT_NAME,
     namespace: str = DEFAULT_NAMESPACE,

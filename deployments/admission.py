@@ -26,7 +26,7 @@ from shardline.deployments.events import Rejected
 
 
 @dataclass(frozen=True, slots=True)
-class ReplicaLoad:
+class AdmissionLoad:
     """One replica's load, as admission, routing and `shardline status` read it."""
 
     # Requests the replica accepted and has not finished.
@@ -45,7 +45,7 @@ class ReplicaLoad:
         beyond_batch = self.num_inflight - self.max_num_seqs
         return max(0, min(self.num_inflight, max(beyond_batch, self.num_engine_waiting)))
 
-    def plus_one(self) -> "ReplicaLoad":
+    def plus_one(self) -> "AdmissionLoad":
         """The load once one more request is accepted (it queues behind any waiting one)."""
         waiting = self.num_engine_waiting + 1 if self.num_engine_waiting else 0
         return replace(self, num_inflight=self.num_inflight + 1, num_engine_waiting=waiting)
@@ -60,7 +60,7 @@ def queue_full(retry_after_s: int, where: str = "the replica") -> Rejected:
     )
 
 
-def admit(load: ReplicaLoad, max_queue_len: int, retry_after_s: int) -> Optional[Rejected]:
+def admit(load: AdmissionLoad, max_queue_len: int, retry_after_s: int) -> Optional[Rejected]:
     """None to admit one more request, or the 429 to answer with."""
     if load.plus_one().queue_depth > max_queue_len:
         return queue_full(retry_after_s)

@@ -28,8 +28,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Optional, Union
 
-from shardline.cluster.placement import ReplicaLoad as RoutingLoad
-from shardline.deployments.admission import ReplicaLoad, admit
+from shardline.cluster.placement import ReplicaLoad
+from shardline.deployments.admission import AdmissionLoad, admit
 from shardline.deployments.config import ServeConfig
 from shardline.deployments.events import Admitted, ChoiceDelta, Delta, Failed, GenerateRequest, Rejected, ReplicaEvent
 from shardline.deployments.metrics import NullMetrics, RequestTimings
@@ -121,9 +121,9 @@ class ModelReplica:
 
     # ---- load ----------------------------------------------------------------
 
-    def load(self) -> ReplicaLoad:
+    def load(self) -> AdmissionLoad:
         s = self.engine.stats()
-        return ReplicaLoad(
+        return AdmissionLoad(
             num_inflight=self._num_inflight,
             max_num_seqs=self.engine.engine.config.max_num_seqs,
             num_running=int(s["num_running"]),
@@ -147,13 +147,13 @@ class ModelReplica:
             "num_aborted": self._num_aborted,
         }
 
-    def routing_load(self) -> RoutingLoad:
+    def routing_load(self) -> ReplicaLoad:
         """The load the head-node scheduler places by (cluster.placement.ReplicaLoad)."""
         s = self.engine.stats()
         running = int(s["num_running"])
         # Requests accepted but not yet seen by the engine count as waiting.
         waiting = max(int(s["num_waiting"] + s.get("num_pending", 0)), self._num_inflight - running, 0)
-        return RoutingLoad(
+        return ReplicaLoad(
             num_running=running,
             num_waiting=waiting,
             num_free_blocks=int(s["num_free_blocks"]),

@@ -27,7 +27,7 @@ import time
 from typing import Any, Callable, Optional
 
 from shardline.cluster.global_queue import QueueLimits
-from shardline.cluster.scheduler import SchedulerConfig
+from shardline.cluster.scheduler import ClusterSchedulerConfig
 from shardline.cluster.scheduler_actor import DEFAULT_NAMESPACE, get_scheduler, scheduler_name, start_scheduler
 from shardline.cluster.tenants import ANONYMOUS_ID, Tenant, TenantRegistry
 from shardline.deployments.config import ServeConfig
@@ -37,13 +37,13 @@ class SchedulerUnavailable(RuntimeError):
     """The scheduler actor could not be reached (dead, restarting, missing or too slow)."""
 
 
-def scheduler_config(config: ServeConfig) -> SchedulerConfig:
+def scheduler_config(config: ServeConfig) -> ClusterSchedulerConfig:
     """The scheduler's knobs from the app's ServeConfig.
 
     The global queue holds what the replicas' own queues held without it:
     `max_queue_len` per replica (at the most replicas autoscaling allows).
     """
-    return SchedulerConfig(
+    return ClusterSchedulerConfig(
         model=config.model_name,
         policy=config.routing,
         queue=QueueLimits(max_queued=config.global_queue_limit, default_retry_after_s=config.retry_after_s),

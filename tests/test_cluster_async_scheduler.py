@@ -8,7 +8,7 @@ from shardline.cluster.async_scheduler import PARKED_TTL_S, AsyncScheduler
 from shardline.cluster.global_queue import Rejection
 from shardline.cluster.kv_index import STORED
 from shardline.cluster.placement import ReplicaLoad, RouteRequest
-from shardline.cluster.scheduler import Assignment, ReplicaReport, RequestUsage, SchedulerConfig
+from shardline.cluster.scheduler import Assignment, ReplicaReport, RequestUsage, ClusterSchedulerConfig
 
 
 class Clock:
@@ -48,7 +48,7 @@ def test_place_waits_until_a_replica_reports_room():
 def test_place_follows_the_cache_and_the_ticker_ends_an_affinity_wait():
     async def main():
         clock = Clock()
-        s = AsyncScheduler(SchedulerConfig(policy_knobs={"affinity_wait_s": 0.5, "affinity_min_saving": 16}),
+        s = AsyncScheduler(ClusterSchedulerConfig(policy_knobs={"affinity_wait_s": 0.5, "affinity_min_saving": 16}),
                            clock=clock, tick_s=0.001)
         h = [i.to_bytes(32, "big") for i in range(4)]
         s.report(ReplicaReport("r0", 0, load(2), ((STORED, tuple(h)),)))

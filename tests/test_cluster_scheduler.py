@@ -13,8 +13,8 @@ from shardline.cluster.scheduler import (
     Assignment,
     ReplicaReport,
     RequestUsage,
-    Scheduler,
-    SchedulerConfig,
+    ClusterScheduler,
+    ClusterSchedulerConfig,
     Ticket,
 )
 from shardline.cluster.tenants import Prices, Tenant, TenantRegistry, UsageKey
@@ -28,9 +28,9 @@ def load(running=0, waiting=0, free=1000, blocks=1000, max_seqs=4, tokens=0, ste
 
 
 class Cluster:
-    """Drives a Scheduler the way replicas would: numbered reports."""
+    """Drives a ClusterScheduler the way replicas would: numbered reports."""
 
-    def __init__(self, sched: Scheduler, replicas=("r0", "r1")):
+    def __init__(self, sched: ClusterScheduler, replicas=("r0", "r1")):
         self.s = sched
         self.seq = {r: 0 for r in replicas}
 
@@ -53,7 +53,7 @@ def rr(rid, tenant="t", n=320, seed=0, salt=(), priority=Priority.INTERACTIVE, m
 def test_a_burst_binds_at_once_while_it_fits_the_replicas_next_step():
     """A replica already queueing requests takes more as long as their prompts fit its next step:
     the burst is prefilled in one step instead of trickling in one report at a time."""
-    s = Scheduler()
+    s = ClusterScheduler()
     c = Cluster(s, replicas=("r0",))
     c.report("r0", load(running=2, waiting=2, max_seqs=64, tokens=640, step_tokens=2048))
     for i in range(8):
@@ -62,14 +62,14 @@ def test_a_burst_binds_at_once_while_it_fits_the_replicas_next_step():
     # 640 queued + 4 x 320 = 1920 <= 2048; the fifth would make 2240.
     assert [a.request_id for a in bound] == ["q0", "q1", "q2", "q3"]
     # Without a reported step budget only the count rule (max_replica_waiting=1) applies: nothing binds.
-    s2 = Scheduler()
+    s2 = ClusterScheduler()
     Cluster(s2, replicas=("r0",)).report("r0", load(running=2, waiting=2, max_seqs=64, tokens=640))
     s2.submit(rr("q0", n=320), now=0.0)
     assert s2.poll_assignments(now=0.0) == []
 
 
 def test_nothing_binds_while_no_replica_has_room_then_binds_on_capacity():
-    s = Scheduler()
+    s = ClusterScheduler()
     c = Cluster(s)
     c.report("r0", load(running=4))
     c.report("r1", load(running=2, free=10))  # slots, but no KV room for 21 blocks
@@ -90,7 +90,7 @@ def test_nothing_binds_while_no_replica_has_room_then_binds_on_capacity():
 
 
 def test_kv_aware_sends_a_request_where_its_prefix_is_cached():
-    s = Scheduler()
+    s = ClusterScheduler()
     c = Cluster(s)
     _, hashes = prompt(seed=7)
     c.report("r0", load(running=1))
@@ -102,7 +102,7 @@ def test_kv_aware_sends_a_request_where_its_prefix_is_cached():
 
 
 def test_salted_tenant_never_scores_on_another_tenants_blocks():
-    s = Scheduler()
+    s = ClusterScheduler()
     c = Cluster(s)
     _, acme = prompt(seed=1, salt=(b"acme",))
     c.report("r0", load(running=1), events=[(STORED, acme)])
@@ -115,7 +115,7 @@ def test_salted_tenant_never_scores_on_another_tenants_blocks():
 
 def test_a_context_being_prefilled_attracts_the_requests_that_share_it():
     """The index hears of a prompt's blocks after the prefill; a request running there holds them already."""
-    s = Scheduler()
+    s = ClusterScheduler()
     c = Cluster(s)
     _, other_context = prompt(n=1440, seed=9)
     c.report("r0", load(running=0, free=100, blocks=100))
@@ -139,7 +139,7 @@ def test_a_context_being_prefilled_attracts_the_requests_that_share_it():
 
 def test_pending_bindings_spread_a_burst():
     """Between two reports, a burst does not all land on the replica that looked emptiest."""
-    s = Scheduler()
+    s = ClusterScheduler()
     c = Cluster(s)
     c.report("r0", load(running=0))
     c.report("r1", load(running=1))
@@ -152,7 +152,7 @@ def test_pending_bindings_spread_a_burst():
 
 
 def test_hot_prefix_spreads_once_its_replica_runs_ahead():
-    s = Scheduler(SchedulerConfig(policy_knobs={"balance_abs": 2, "balance_rel": 1.5}))
+    s = ClusterScheduler(ClusterSchedulerConfig(policy_knobs={"balance_abs": 2, "balance_rel": 1.5}))
     c = Cluster(s, ["r0", "r1"])
     _, hashes = prompt(seed=3)
     c.report("r0", load(max_seqs=16), events=[(STORED, hashes)])
@@ -165,7 +165,7 @@ def test_hot_prefix_spreads_once_its_replica_runs_ahead():
 
 
 def test_batch_takes_only_idle_capacity():
-    s = Scheduler()
+    s = ClusterScheduler()
     c = Cluster(s)
     c.report("r0", load(running=3, max_seqs=4))  # 75 % of slots used: no batch
     c.report("r1", load(running=0, max_seqs=4, free=200))  # 80 % of KV used: no batch
@@ -178,7 +178,7 @@ def test_batch_takes_only_idle_capacity():
 
 
 def test_batch_waits_while_interactive_is_queued():
-    s = Scheduler()
+    s = ClusterScheduler()
     c = Cluster(s)
     c.report("r0", load(running=0, max_seqs=4, free=30, blocks=40))  # room for a small prompt only
     c.report("r1", load(running=4, max_seqs=4))
@@ -190,7 +190,7 @@ def test_batch_waits_while_interactive_is_queued():
 
 
 def test_flooding_tenant_does_not_starve_another_through_the_scheduler():
-    s = Scheduler(SchedulerConfig(queue=QueueLimits(max_queued=10_000)),
+    s = ClusterScheduler(ClusterSchedulerConfig(queue=QueueLimits(max_queued=10_000)),
                   TenantRegistry([Tenant("flood", max_queued=10_000), Tenant("calm", max_queued=10_000)]))
     c = Cluster(s)
     for i in range(400):
@@ -217,7 +217,7 @@ def test_flooding_tenant_does_not_starve_another_through_the_scheduler():
 
 def test_admission_rejects_with_429_and_retry_after():
     reg = TenantRegistry([Tenant("a", max_queued=2)])
-    s = Scheduler(SchedulerConfig(queue=QueueLimits(max_queued=3)), reg)
+    s = ClusterScheduler(ClusterSchedulerConfig(queue=QueueLimits(max_queued=3)), reg)
     Cluster(s).report("r0", load(running=4))
     assert isinstance(s.submit(rr("a0", tenant="a"), 0.0), Ticket)
     assert isinstance(s.submit(rr("a1", tenant="a"), 0.0), Ticket)
@@ -231,7 +231,7 @@ def test_admission_rejects_with_429_and_retry_after():
 
 
 def test_prompt_no_replica_can_hold_is_rejected_400():
-    s = Scheduler()
+    s = ClusterScheduler()
     Cluster(s).report("r0", load(blocks=100, free=100))
     r = s.submit(rr("huge", n=2000), now=0.0)
     assert (r.status, r.reason) == (400, "too_large")
@@ -240,7 +240,7 @@ def test_prompt_no_replica_can_hold_is_rejected_400():
 
 def test_usage_is_charged_to_tenant_model_and_replica():
     reg = TenantRegistry([Tenant("a", prices=Prices(prompt=1.0, cached=0.1, completion=2.0))])
-    s = Scheduler(SchedulerConfig(model="smol"), reg)
+    s = ClusterScheduler(ClusterSchedulerConfig(model="smol"), reg)
     Cluster(s).report("r0", load())
     s.submit(rr("q", tenant="a"), now=0.0)
     s.poll_assignments(now=1.0)
@@ -256,7 +256,7 @@ def test_usage_is_charged_to_tenant_model_and_replica():
 
 
 def test_report_gap_asks_for_resync_and_snapshot_restores_hits():
-    s = Scheduler()
+    s = ClusterScheduler()
     _, hashes = prompt(seed=5)
     assert not s.on_replica_report(ReplicaReport("r0", 0, load(), ((STORED, hashes[:4]),)), 0.0).resync
     reply = s.on_replica_report(ReplicaReport("r0", 2, load(), ()), 0.1)  # seq 1 lost
@@ -268,7 +268,7 @@ def test_report_gap_asks_for_resync_and_snapshot_restores_hits():
 
 
 def test_silent_draining_and_removed_replicas_get_nothing():
-    s = Scheduler(SchedulerConfig(replica_timeout_s=5.0))
+    s = ClusterScheduler(ClusterSchedulerConfig(replica_timeout_s=5.0))
     c = Cluster(s, ["r0", "r1", "r2"])
     c.report("r0", load(), now=0.0)
     c.report("r1", load(), now=10.0)
@@ -284,7 +284,7 @@ def test_silent_draining_and_removed_replicas_get_nothing():
 
 
 def test_pending_binding_expires_when_the_replica_never_reports_it():
-    s = Scheduler(SchedulerConfig(pending_ttl_s=2.0))
+    s = ClusterScheduler(ClusterSchedulerConfig(pending_ttl_s=2.0))
     c = Cluster(s, ["r0"])
     c.report("r0", load(running=3))
     s.submit(rr("q0", seed=0), now=0.0)
@@ -297,7 +297,7 @@ def test_pending_binding_expires_when_the_replica_never_reports_it():
 
 
 def test_request_waits_for_its_cached_replica_briefly():
-    s = Scheduler(SchedulerConfig(policy_knobs={"affinity_wait_s": 0.25}))
+    s = ClusterScheduler(ClusterSchedulerConfig(policy_knobs={"affinity_wait_s": 0.25}))
     c = Cluster(s)
     _, hashes = prompt(n=640, seed=9)
     c.report("r0", load(running=4), events=[(STORED, hashes)])
@@ -314,7 +314,7 @@ def test_request_waits_for_its_cached_replica_briefly():
 
 @pytest.mark.parametrize("policy", ["round_robin", "pow2", "prefix_approx", "kv_aware"])
 def test_every_policy_runs_through_the_scheduler(policy):
-    s = Scheduler(SchedulerConfig(policy=policy))
+    s = ClusterScheduler(ClusterSchedulerConfig(policy=policy))
     c = Cluster(s, ["r0", "r1", "r2"])
     for r in c.seq:
         c.report(r, load(max_seqs=8))
@@ -325,20 +325,20 @@ def test_every_policy_runs_through_the_scheduler(policy):
     assert len(got) == 12 and all(a.replica_id in c.seq for a in got)
     assert s.stats(0.0).policy == policy
     with pytest.raises(ValueError, match="unknown routing policy"):
-        Scheduler(SchedulerConfig(policy="random"))
+        ClusterScheduler(ClusterSchedulerConfig(policy="random"))
 
 
 def test_reconfigure_swaps_policy_limits_and_tenants_and_keeps_the_index():
-    s = Scheduler(SchedulerConfig(policy="round_robin"))
+    s = ClusterScheduler(ClusterSchedulerConfig(policy="round_robin"))
     c = Cluster(s)
     h = tuple(hash_prompt_blocks(list(range(64)), BS))
     c.report("r0", events=[(STORED, h)])
     c.report("r1")
     policy = s.policy
-    s.reconfigure(SchedulerConfig(policy="round_robin"))
+    s.reconfigure(ClusterSchedulerConfig(policy="round_robin"))
     assert s.policy is policy  # unchanged settings keep a stateful policy's state
     tenants = TenantRegistry([Tenant("t", max_queued=1)])
-    s.reconfigure(SchedulerConfig(policy="kv_aware", queue=QueueLimits(max_queued=7)), tenants)
+    s.reconfigure(ClusterSchedulerConfig(policy="kv_aware", queue=QueueLimits(max_queued=7)), tenants)
     assert s.policy.name == "kv_aware" and s.queue.limits.max_queued == 7 and s.tenants is tenants
     s.submit(RouteRequest("q", "t", h, BS, 70, 4), 0.0)
     (a,) = s.poll_assignments(0.0)

@@ -13,7 +13,7 @@ import pytest
 
 from shardline.cluster.async_scheduler import AsyncScheduler
 from shardline.cluster.global_queue import QueueLimits
-from shardline.cluster.scheduler import SchedulerConfig
+from shardline.cluster.scheduler import ClusterSchedulerConfig
 from shardline.cluster.tenants import Tenant, TenantRegistry
 from shardline.deployments.config import ServeConfig
 from shardline.deployments.events import Admitted, Delta, GenerateRequest, Rejected
@@ -196,7 +196,7 @@ def test_router_answers_rejections_and_cancels_a_queued_request(replicas):
 
     async def main():
         tenants = TenantRegistry(default=Tenant("anonymous", max_queued=1))
-        sched = AsyncScheduler(SchedulerConfig(queue=QueueLimits(max_queued=100, default_retry_after_s=3)), tenants)
+        sched = AsyncScheduler(ClusterSchedulerConfig(queue=QueueLimits(max_queued=100, default_retry_after_s=3)), tenants)
         link = FakeLink(sched)
         router = ReplicaRouter(FakeHandle(reps), 1, link, BLOCK)
         # No replica has reported: requests wait in the global queue.
@@ -404,7 +404,7 @@ def test_cli_routing_and_tenants_flags(tmp_path, model_dir):
 def test_status_shows_the_schedulers_global_queue():
     from shardline.deployments.status import render_text, scheduler_summary, summarize
 
-    sched = AsyncScheduler(SchedulerConfig(policy="kv_aware"))
+    sched = AsyncScheduler(ClusterSchedulerConfig(policy="kv_aware"))
     sched.core.submit(route_request(request(1, list(range(40))), BLOCK), 0.0)  # no replica yet: it waits
     details = {"applications": {"a": {"status": "RUNNING", "deployments": {}}}}
     report = summarize(details, "a", [], scheduler_summary(sched.stats()))

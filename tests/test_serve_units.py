@@ -14,7 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from shardline.deployments.admission import ReplicaLoad, admit
+from shardline.deployments.admission import AdmissionLoad, admit
 from shardline.deployments.config import ServeConfig
 from shardline.deployments.events import Admitted, ChoiceDelta, Delta, Failed, GenerateRequest
 from shardline.deployments.ingress import Gate, build_openai_app
@@ -35,19 +35,19 @@ def test_admission_counts_a_burst_at_once():
     # 4 slots in the batch, 2 may wait: the 7th request in flight is refused,
     # even before the engine has stepped (num_running still 0).
     for inflight in range(6):
-        assert admit(ReplicaLoad(num_inflight=inflight, max_num_seqs=4), 2, 1) is None
-    rejected = admit(ReplicaLoad(num_inflight=6, max_num_seqs=4), 2, 3)
+        assert admit(AdmissionLoad(num_inflight=inflight, max_num_seqs=4), 2, 1) is None
+    rejected = admit(AdmissionLoad(num_inflight=6, max_num_seqs=4), 2, 3)
     assert rejected.status == 429 and rejected.retry_after_s == 3
 
 
 def test_admission_sees_a_cache_bound_replica():
     # Batch not full, but the engine reports requests waiting (no KV blocks).
-    load = ReplicaLoad(num_inflight=3, max_num_seqs=8, num_running=1, num_engine_waiting=2)
+    load = AdmissionLoad(num_inflight=3, max_num_seqs=8, num_running=1, num_engine_waiting=2)
     assert load.queue_depth == 2
     assert admit(load, 2, 1) is not None
     assert admit(load, 3, 1) is None
-    assert ReplicaLoad(num_inflight=0, max_num_seqs=8).queue_depth == 0
-    assert admit(ReplicaLoad(num_inflight=0, max_num_seqs=1), 0, 1) is None  # no queue, free batch
+    assert AdmissionLoad(num_inflight=0, max_num_seqs=8).queue_depth == 0
+    assert admit(AdmissionLoad(num_inflight=0, max_num_seqs=1), 0, 1) is None  # no queue, free batch
 
 
 # ---- deltas and response shapes ---------------------------------------------------
