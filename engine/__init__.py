@@ -11,7 +11,7 @@ from shardline.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from shardline.engine.llm import LLM
 from shardline.engine.llm_engine import EngineConfig, LLMEngine
 from shardline.engine.outputs import CompletionOutput, Logprob, RequestOutput
-from shardline.engine.sampling_params import SamplingParams
+from shardline.engine.sampling_params import SamplingParams, StructuredOutputsParams
 
 __all__ = [
     "LLM",
@@ -20,6 +20,7 @@ __all__ = [
     "EngineConfig",
     "EngineDeadError",
     "SamplingParams",
+    "StructuredOutputsParams",
     "RequestOutput",
     "CompletionOutput",
     "Logprob",

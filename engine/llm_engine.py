@@ -31,6 +31,7 @@ from shardline.engine.outputs import CompletionOutput, PositionLogprobs, Request
 from shardline.engine.request import Request, RequestStatus
 from shardline.engine.sampling_params import SamplingParams
 from shardline.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, SchedulerOutput
+from shardline.engine.structured_output import GrammarCompiler
 from shardline.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from shardline.engine.weights import build_model
 
@@ -183,6 +184,7 @@ class LLMEngine:
             KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching),
         )
         self.runner = ModelRunner(model, num_blocks, config.block_size, dtype, config.seed, self.tp_group)
+        self._grammars: GrammarCompiler | None = None
         self._states: dict[str, _RequestState] = {}
         self._seq_of: dict[str, tuple[_RequestState, _Sequence]] = {}
 
@@ -246,6 +248,17 @@ class LLMEngine:
         reason = self.scheduler.check_fits(len(prompt_token_ids))
         if reason:
             raise ValueError(reason)
+        if params.structured_outputs is not None:
+            self.grammar_compiler.compile(params.structured_outputs)
+
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The compiler of structured-output grammars for this model's tokenizer (built on first use)."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need the model's tokenizer, and this engine has none")
+            self._grammars = GrammarCompiler(self.tokenizer.to_json(), self.vocab_size, sorted(self.eos_token_ids))
+        return self._grammars
 
     def add_request(
         self,
@@ -265,7 +278,9 @@ class LLMEngine:
         max_tokens = self.max_model_len - len(ids)
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
-        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        # A grammar ends its output with end-of-sequence, ignore_eos or not.
+        keep_eos = not params.ignore_eos or params.structured_outputs is not None
+        stop_ids = frozenset(params.stop_token_ids) | (self.eos_token_ids if keep_eos else frozenset())
         now = arrival_time if arrival_time is not None else time.time()
         state = _RequestState(request_id, text, ids, params, [], now)
         for i in range(params.n):
@@ -281,6 +296,8 @@ class LLMEngine:
                 sampling=child_params,
                 arrival_time=now,
             )
+            if params.structured_outputs is not None:
+                req.grammar = self.grammar_compiler.new_state(params.structured_outputs)
             detok = None
             if self.tokenizer is not None:
                 detok = self.tokenizer.new_detokenizer(ids, params.skip_special_tokens)

@@ -8,6 +8,7 @@ AttentionMetadata expects.
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +19,7 @@ from shardline.engine.model import AttentionMetadata, Transformer
 from shardline.engine.outputs import PositionLogprobs
 from shardline.engine.sampler import Sampler, SamplingRow
 from shardline.engine.scheduler import ScheduledRequest, SchedulerOutput
+from shardline.engine.structured_output import BitmaskFiller
 
 
 @dataclass
@@ -65,6 +67,11 @@ class ModelRunner:
         if model.layers[0].attention.k_cache is None:
             self.model.setup_kv_cache(num_blocks, block_size, kv_dtype)
         self.sampler = Sampler(seed)
+        self.vocab_size = model.config.vocab_size
+        # Grammar masks are filled on another thread while the forward pass runs (both leave the GIL).
+        self.overlap_grammar = True
+        self._mask_filler: BitmaskFiller | None = None
+        self._mask_thread: ThreadPoolExecutor | None = None
 
     @property
     def fused_decode_available(self) -> bool:
@@ -125,16 +132,39 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         """Run one step and sample a token for every request that reached its end."""
+        constrained = [s.request for s in out.scheduled if s.sample and s.request.grammar is not None]
+        masks = self._start_masks(constrained)
         logits, indices = self.compute_logits(out)
         result = RunnerOutput(token_ids=[None] * len(out.scheduled), logprobs=[None] * len(out.scheduled))
         if not indices:
             return result
+        bitmask = masks.result() if masks is not None else None
+        mask_row = {id(req): k for k, req in enumerate(constrained)}
         rows = []
         for i in indices:
             req = out.scheduled[i].request
-            rows.append(SamplingRow(req.sampling, req.prompt_token_ids, req.output_token_ids, req.stop_token_ids))
-        sampled = self.sampler(logits, rows)
+            rows.append(
+                SamplingRow(
+                    req.sampling, req.prompt_token_ids, req.output_token_ids, req.stop_token_ids,
+                    grammar=req.grammar, mask_row=mask_row.get(id(req)),
+                )
+            )
+        sampled = self.sampler(logits, rows, bitmask)
         for j, i in enumerate(indices):
             result.token_ids[i] = sampled.token_ids[j]
             result.logprobs[i] = sampled.logprobs[j]
         return result
+
+    def _start_masks(self, constrained: list) -> Future | None:
+        """Begin filling the grammar masks of this step's constrained rows; None when there are none."""
+        if not constrained:
+            return None
+        if self._mask_filler is None:
+            self._mask_filler = BitmaskFiller(self.vocab_size)
+            self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="shardline-grammar")
+        states = [req.grammar for req in constrained]
+        if not self.overlap_grammar:
+            done: Future = Future()
+            done.set_result(self._mask_filler.fill(states))
+            return done
+        return self._mask_thread.submit(self._mask_filler.fill, states)

@@ -45,8 +45,9 @@ class Request:
     min_tokens: int = 0
     # Extra keys mixed into every block hash (a tenant's salt).
     cache_salt: bytes | None = None
-    # Opaque to the scheduler: the sampler's parameters.
+    # Opaque to the scheduler: the sampler's parameters, and the grammar state of a constrained output.
     sampling: Any = None
+    grammar: Any = None
     # Wall-clock arrival, for metrics only.
     arrival_time: float = 0.0
     output_token_ids: list[int] = field(default_factory=list)

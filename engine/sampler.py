@@ -1,4 +1,4 @@
-"""Batched token sampling: penalties, bias, temperature, top-k/p, min-p, seeds, logprobs.
+"""Batched token sampling: grammar masks, penalties, bias, temperature, top-k/p, min-p, seeds, logprobs.
 
 All rows of a step are processed as one batch of tensors. A row's token is
 drawn by inverse transform: one uniform number against the row's cumulative
@@ -23,6 +23,7 @@ import torch
 
 from shardline.engine.outputs import Logprob, PositionLogprobs
 from shardline.engine.sampling_params import SamplingParams
+from shardline.engine.structured_output import GrammarState, apply_bitmask
 
 
 @dataclass(slots=True)
@@ -34,6 +35,9 @@ class SamplingRow:
     output_token_ids: Sequence[int]
     # Token ids masked while fewer than params.min_tokens have been generated.
     stop_token_ids: frozenset[int] = frozenset()
+    # A constrained row: its grammar, advanced by the chosen token, and its row of the step's bitmask.
+    grammar: GrammarState | None = None
+    mask_row: int | None = None
 
 
 @dataclass(slots=True)
@@ -56,16 +60,23 @@ class Sampler:
         self.generator = torch.Generator()
         self.generator.manual_seed(seed if seed is not None else random.getrandbits(63))
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
-        """logits: [len(rows), vocab] fp32 (modified in place)."""
+    def __call__(
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow], bitmask: torch.Tensor | None = None
+    ) -> SamplerOutput:
+        """logits: [len(rows), vocab] fp32 (modified in place); bitmask: the grammar rows' masks
+        (row `mask_row` of each constrained row). Logprobs are the model's, before any mask."""
         assert logits.shape[0] == len(rows)
         want_logprobs = [r.params.logprobs is not None for r in rows]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+        self._apply_grammar(logits, rows, bitmask)
         self._apply_min_tokens(logits, rows)
         self._apply_logit_bias(logits, rows)
         self._apply_penalties(logits, rows)
         token_ids = self._sample(logits, rows)
         out = SamplerOutput(token_ids=token_ids.tolist())
+        for row, token_id in zip(rows, out.token_ids):
+            if row.grammar is not None:
+                row.grammar.accept(token_id)
         out.logprobs = [
             top_logprobs(raw_logprobs[i], out.token_ids[i], rows[i].params.logprobs) if want else None
             for i, want in enumerate(want_logprobs)
@@ -73,9 +84,24 @@ class Sampler:
         return out
 
     @staticmethod
+    def _apply_grammar(logits: torch.Tensor, rows: Sequence[SamplingRow], bitmask: torch.Tensor | None) -> None:
+        """First of all filters: only tokens the grammar allows next."""
+        idx = [i for i, r in enumerate(rows) if r.mask_row is not None]
+        if not idx:
+            return
+        masks = bitmask[[rows[i].mask_row for i in idx]]
+        if len(idx) == len(rows):
+            apply_bitmask(logits, masks)
+            return
+        sub = logits[idx]
+        apply_bitmask(sub, masks)
+        logits[idx] = sub
+
+    @staticmethod
     def _apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
         for i, row in enumerate(rows):
-            if len(row.output_token_ids) < row.params.min_tokens and row.stop_token_ids:
+            # A grammar decides where its output may end: min_tokens would mask the only token it allows.
+            if len(row.output_token_ids) < row.params.min_tokens and row.stop_token_ids and row.grammar is None:
                 logits[i, list(row.stop_token_ids)] = float("-inf")
 
     @staticmethod

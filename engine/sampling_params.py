@@ -2,7 +2,60 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """What the output must fit, as vLLM's `structured_outputs` says it: exactly one of
+
+    Args:
+        json: a JSON schema (a dict, or its JSON text).
+        json_object: any JSON object.
+        regex: a regular expression the whole output matches.
+        choice: the output is exactly one of these strings.
+        grammar: a context-free grammar, in Lark syntax (a `start:` rule) or llama.cpp's GBNF (`root ::= ...`).
+    """
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(
+                "structured outputs take exactly one of json, json_object, regex, choice, grammar"
+                + (f"; got {', '.join(given)}" if given else "")
+            )
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError("choice must be a non-empty list of non-empty strings")
+        if self.regex is not None and not self.regex:
+            raise ValueError("regex must not be empty")
+        if self.grammar is not None and not self.grammar.strip():
+            raise ValueError("grammar must not be empty")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is: "json", "json_object", "regex", "choice" or "grammar"."""
+        if self.json_object:
+            return "json_object"
+        return next(k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None)
+
+    def cache_key(self) -> str:
+        """One string per distinct constraint (a schema's key order does not matter)."""
+        value = getattr(self, self.kind)
+        if self.kind == "json" and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        return self.kind + ":" + json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
 @dataclass
@@ -25,6 +78,8 @@ class SamplingParams:
         logit_bias: token id -> bias added to its logit.
         skip_special_tokens: leave special tokens out of the text.
         include_stop_str_in_output: keep the matched stop string in the text.
+        structured_outputs: the output fits a JSON schema, a regex, a choice or a grammar
+            (engine/structured_output.py); the end-of-sequence token ends it even with ignore_eos.
     """
 
     n: int = 1
@@ -45,6 +100,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -72,6 +72,10 @@ class Tokenizer:
         eos_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         self.eos_token_id: int | None = eos_id
 
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text (what grammar engines build their vocabulary from)."""
+        return self._tok.to_str()
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 _ENGINE_EXPORTS = {
     "LLM": "shardline.engine.llm",
     "SamplingParams": "shardline.engine.sampling_params",
+    "StructuredOutputsParams": "shardline.engine.sampling_params",
     "RequestOutput": "shardline.engine.outputs",
     "CompletionOutput": "shardline.engine.outputs",
     "Logprob": "shardline.engine.outputs",
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from shardline.engine.llm import LLM
     from shardline.engine.llm_engine import EngineConfig, LLMEngine
     from shardline.engine.outputs import CompletionOutput, Logprob, RequestOutput
-    from shardline.engine.sampling_params import SamplingParams
+    from shardline.engine.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 def __getattr__(name: str) -> Any:
