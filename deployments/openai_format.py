@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from shardline.deployments.events import ChoiceDelta
+from shardline.deployments.tool_calls import ToolCall, ToolCallStream, parse_tool_calls
 from shardline.engine.outputs import PositionLogprobs
 
 Kind = Literal["completion", "chat"]
@@ -85,6 +86,8 @@ class _Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[PositionLogprobs] = field(default_factory=list)
     finish_reason: Optional[str] = None
+    # With tools: the streamed text split into content and calls.
+    tool_stream: Optional[ToolCallStream] = None
 
 
 class ResponseBuilder:
@@ -95,10 +98,15 @@ class ResponseBuilder:
         response_id, created, model: the response's id, Unix time and model name.
         n: completions per prompt.
         top_logprobs: candidates per position when logprobs were asked for, else None.
+        tool_calls: chat answers may hold tool calls (deployments/tool_calls.py), parsed out of the text.
     """
 
-    def __init__(self, kind: Kind, response_id: str, created: int, model: str, n: int, top_logprobs: Optional[int]):
+    def __init__(
+        self, kind: Kind, response_id: str, created: int, model: str, n: int, top_logprobs: Optional[int],
+        tool_calls: bool = False,
+    ):
         self.kind = kind
+        self.tool_calls = tool_calls and kind == "chat"
         self.id = response_id
         self.created = created
         self.model = model
@@ -116,13 +124,19 @@ class ResponseBuilder:
     def admitted(self, prompt_index: int, prompt_tokens: int) -> None:
         self.prompt_tokens[prompt_index] = prompt_tokens
         for i in range(self.n):
-            self.choices.setdefault(self.index(prompt_index, i), _Choice())
+            self._choice(self.index(prompt_index, i))
+
+    def _choice(self, idx: int) -> _Choice:
+        c = self.choices.get(idx)
+        if c is None:
+            c = self.choices[idx] = _Choice(tool_stream=ToolCallStream() if self.tool_calls else None)
+        return c
 
     def add(self, prompt_index: int, delta: ChoiceDelta, cached_tokens: int) -> int:
         """Record a delta; returns the choice's index in the response."""
         self.cached_tokens[prompt_index] = max(self.cached_tokens.get(prompt_index, 0), cached_tokens)
         idx = self.index(prompt_index, delta.index)
-        c = self.choices.setdefault(idx, _Choice())
+        c = self._choice(idx)
         if c.text:
             c.text_offset += len(c.text[-1])
         c.text.append(delta.text)
@@ -164,8 +178,15 @@ class ResponseBuilder:
             text = "".join(c.text)
             logprobs = self._logprobs(c.logprobs, c.token_ids)
             if self.kind == "chat":
-                message = {"role": "assistant", "content": text, "refusal": None}
-                choices.append({"index": idx, "message": message, "logprobs": logprobs, "finish_reason": c.finish_reason})
+                message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+                finish_reason = c.finish_reason
+                if self.tool_calls:
+                    content, calls = parse_tool_calls(text)
+                    message["content"] = content
+                    if calls:
+                        message["tool_calls"] = [call.as_openai() for call in calls]
+                        finish_reason = _tool_finish(finish_reason)
+                choices.append({"index": idx, "message": message, "logprobs": logprobs, "finish_reason": finish_reason})
             else:
                 choices.append({"index": idx, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason})
         return {**self._envelope(chunk=False), "choices": choices, "usage": self.usage()}
@@ -179,16 +200,38 @@ class ResponseBuilder:
         """Whether a delta is worth a chunk: text, a finish, or tokens whose logprobs were asked for."""
         return bool(delta.text) or delta.finish_reason is not None or (self.top_logprobs is not None and bool(delta.token_ids))
 
-    def delta_chunk(self, idx: int, delta: ChoiceDelta, include_usage: bool) -> dict[str, Any]:
-        """One choice's delta as a stream chunk (after `add`)."""
+    def delta_chunk(self, idx: int, delta: ChoiceDelta, include_usage: bool) -> Optional[dict[str, Any]]:
+        """One choice's delta as a stream chunk (after `add`); None when a tool answer holds it back."""
         c = self.choices[idx]
         logprobs = self._logprobs(delta.logprobs or [], delta.token_ids, c.text_offset) if delta.token_ids else None
-        if self.kind == "chat":
-            body = {"content": delta.text} if (delta.text or delta.finish_reason is None) else {}
-            choice = {"index": idx, "delta": body, "logprobs": logprobs, "finish_reason": delta.finish_reason}
-        else:
+        if self.kind != "chat":
             choice = {"index": idx, "text": delta.text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
+            return self._chunk([choice], include_usage)
+        finish_reason = delta.finish_reason
+        if c.tool_stream is None:
+            body: dict[str, Any] = {"content": delta.text} if (delta.text or delta.finish_reason is None) else {}
+        else:
+            parts = c.tool_stream.feed(delta.text) + (c.tool_stream.finish() if finish_reason is not None else [])
+            body = self._tool_delta(c.tool_stream, parts)
+            if finish_reason is not None and c.tool_stream.num_calls:
+                finish_reason = _tool_finish(finish_reason)
+            if not body and finish_reason is None and logprobs is None:
+                return None
+        choice = {"index": idx, "delta": body, "logprobs": logprobs, "finish_reason": finish_reason}
         return self._chunk([choice], include_usage)
+
+    @staticmethod
+    def _tool_delta(stream: ToolCallStream, parts: list) -> dict[str, Any]:
+        """A chat delta from text pieces and whole calls (each call one tool_calls entry, indexed in order)."""
+        text = "".join(p for p in parts if isinstance(p, str))
+        calls = [p for p in parts if isinstance(p, ToolCall)]
+        body: dict[str, Any] = {}
+        if text.strip() or (text and not stream.num_calls):
+            body["content"] = text
+        if calls:
+            first = stream.num_calls - len(calls)
+            body["tool_calls"] = [call.as_openai(first + k) for k, call in enumerate(calls)]
+        return body
 
     def usage_chunk(self) -> dict[str, Any]:
         """The last chunk under stream_options.include_usage: no choices, the whole usage."""
@@ -199,3 +242,8 @@ class ResponseBuilder:
         if include_usage:
             chunk["usage"] = None
         return chunk
+
+
+def _tool_finish(finish_reason: Optional[str]) -> Optional[str]:
+    """OpenAI's finish_reason for an answer that made calls: "tool_calls" unless it was cut short."""
+    return "tool_calls" if finish_reason == "stop" else finish_reason

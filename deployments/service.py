@@ -34,7 +34,9 @@ from shardline.deployments.errors import APIError, model_not_found
 from shardline.deployments.events import Admitted, Delta, Failed, GenerateRequest, Rejected, ReplicaEvent
 from shardline.deployments.openai_format import SSE_DONE, ResponseBuilder, sse
 from shardline.deployments.protocol import ChatCompletionRequest, CompletionRequest
-from shardline.engine.sampling_params import SamplingParams
+from shardline.deployments.tool_calls import render_messages, tool_grammar
+from shardline.engine.sampling_params import SamplingParams, StructuredOutputsParams
+from shardline.engine.structured_output import GrammarCompiler
 from shardline.engine.tokenizer import ChatTemplateError, Tokenizer
 
 
@@ -153,6 +155,10 @@ class _Streams:
                     pass  # already running in a cancelled pump task, or finished
 
 
+def _constraint_param(body: Union[CompletionRequest, ChatCompletionRequest]) -> str:
+    return "structured_outputs" if body.structured_outputs is not None else "response_format"
+
+
 class OpenAIService:
     """Completions and chat completions over a backend of model replicas.
 
@@ -171,6 +177,9 @@ class OpenAIService:
         self.backend = backend
         self.tenants = tenants or TenantRegistry()
         self.created = int(time.time())
+        # Checks a request's output constraint here, so that a bad one is a 400 naming its field,
+        # before the request queues (the replica compiles it again, from its own cache).
+        self._grammars: Optional[GrammarCompiler] = None
 
     # ---- endpoints ---------------------------------------------------------------
 
@@ -182,21 +191,35 @@ class OpenAIService:
         tenant = self._tenant(api_key, body.user)
         self._check_model(body.model)
         params = self._sampling_params(body, "logprobs")
+        self._check_constraint(params, _constraint_param(body))
         prompts = [self._encode(p) for p in body.prompts()]
         return await self._respond("completion", "cmpl", body, params, prompts, "prompt", body.logprobs, tenant)
 
     async def chat(self, body: ChatCompletionRequest, api_key: Optional[str] = None):
         tenant = self._tenant(api_key, body.user)
         self._check_model(body.model)
-        params = self._sampling_params(body, "top_logprobs")
-        messages = [m.as_template_input() for m in body.messages]
+        tool_choice = body.effective_tool_choice
+        tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            tool_constraint = tool_grammar(tools, tool_choice, body.parallel_tool_calls) if tools else None
+        except ValueError as e:
+            raise APIError(400, str(e), "tool_choice") from None
+        if tool_constraint is not None and (body.structured_outputs is not None or
+                                            (body.response_format is not None and body.response_format.type != "text")):
+            raise APIError(400, 'tools with a tool_choice other than "none" cannot be combined with response_format '
+                           "or structured_outputs", "tool_choice")
+        params = self._sampling_params(body, "top_logprobs", tool_constraint)
+        self._check_constraint(params, "tool_choice" if tool_constraint is not None else _constraint_param(body))
+        messages = render_messages([m.as_template_input() for m in body.messages], tools, self.tokenizer.takes_tools)
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
         except ChatTemplateError as e:
             raise APIError(400, str(e), "messages") from None
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        return await self._respond("chat", "chatcmpl", body, params, [ids], "messages", top, tenant)
+        return await self._respond(
+            "chat", "chatcmpl", body, params, [ids], "messages", top, tenant, tool_calls=tool_choice != "none"
+        )
 
     # ---- steps -------------------------------------------------------------------
 
@@ -211,16 +234,32 @@ class OpenAIService:
         if name != self.config.model_name:
             raise model_not_found(name)
 
-    def _sampling_params(self, body: Union[CompletionRequest, ChatCompletionRequest], logprobs_param: str) -> SamplingParams:
+    def _sampling_params(
+        self,
+        body: Union[CompletionRequest, ChatCompletionRequest],
+        logprobs_param: str,
+        constraint: Optional[StructuredOutputsParams] = None,
+    ) -> SamplingParams:
+        """`constraint`: the tool calls' grammar, for a chat request whose tools call for one."""
         try:
-            params = body.to_sampling_params()
+            params = body.to_sampling_params(constraint)
         except ValueError as e:
-            raise APIError(400, str(e)) from None
+            raise APIError(400, str(e), _constraint_param(body) if "structured outputs" in str(e) else None) from None
         if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
             raise APIError(400, f"{logprobs_param} must be at most {self.config.max_logprobs}", logprobs_param)
         if params.n > self.config.max_n:
             raise APIError(400, f"n={params.n} exceeds this server's limit of {self.config.max_n}", "n")
         return params
+
+    def _check_constraint(self, params: SamplingParams, param: str) -> None:
+        if params.structured_outputs is None:
+            return
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer.to_json(), self.tokenizer.vocab_size, [])
+        try:
+            self._grammars.compile(params.structured_outputs)
+        except ValueError as e:
+            raise APIError(400, str(e), param) from None
 
     def _encode(self, prompt: Union[str, list[int]]) -> list[int]:
         if isinstance(prompt, str):
@@ -240,6 +279,7 @@ class OpenAIService:
         prompt_param: str,
         top_logprobs: Optional[int],
         tenant: Tenant,
+        tool_calls: bool = False,
     ):
         deadline = _Deadline(self.config.request_timeout_s)
         response_id = f"{id_prefix}-{uuid.uuid4().hex}"
@@ -258,7 +298,7 @@ class OpenAIService:
             raise
         except Exception as e:  # the replica could not be reached or died
             raise _failure(e) from None
-        builder = ResponseBuilder(kind, response_id, int(now), self.config.model_name, params.n, top_logprobs)
+        builder = ResponseBuilder(kind, response_id, int(now), self.config.model_name, params.n, top_logprobs, tool_calls)
         for i, a in enumerate(admitted):
             builder.admitted(i, a.prompt_tokens)
         if body.stream:
@@ -312,7 +352,9 @@ class OpenAIService:
                     for choice in event.choices:
                         idx = builder.add(i, choice, event.num_cached_tokens)
                         if builder.has_news(choice):
-                            yield sse(builder.delta_chunk(idx, choice, include_usage))
+                            chunk = builder.delta_chunk(idx, choice, include_usage)
+                            if chunk is not None:
+                                yield sse(chunk)
                 elif not isinstance(event, Admitted):
                     raise _rejection(event)
             if include_usage:

@@ -23,7 +23,8 @@ import torch
 
 from shardline.engine.outputs import Logprob, PositionLogprobs
 from shardline.engine.sampling_params import SamplingParams
-from shardline.engine.structured_output import GrammarState, apply_bitmask
+from shardline import kernels
+from shardline.engine.structured_output import GrammarState
 
 
 @dataclass(slots=True)
@@ -89,13 +90,9 @@ class Sampler:
         idx = [i for i, r in enumerate(rows) if r.mask_row is not None]
         if not idx:
             return
-        masks = bitmask[[rows[i].mask_row for i in idx]]
-        if len(idx) == len(rows):
-            apply_bitmask(logits, masks)
-            return
-        sub = logits[idx]
-        apply_bitmask(sub, masks)
-        logits[idx] = sub
+        order = [rows[i].mask_row for i in idx]
+        masks = bitmask if order == list(range(len(bitmask))) else bitmask[order]
+        kernels.apply_token_bitmask(logits, masks, torch.tensor(idx, dtype=torch.int64))
 
     @staticmethod
     def _apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:

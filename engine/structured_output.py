@@ -17,7 +17,7 @@ and a template matcher, once per distinct spec (LRU cache); each sequence gets
 a copy (`GrammarState`). Every step the sequences that need one fill a row of a
 shared bitmask (`BitmaskFiller`, in parallel on llguidance's own threads and
 outside the GIL, while the forward pass runs), the sampler applies it before
-any other filter (`apply_bitmask`), and the chosen token advances the state. When
+any other filter (`kernels.apply_token_bitmask`), and the chosen token advances the state. When
 the grammar is complete the mask allows the end-of-sequence token; when
 nothing else can follow, only that.
 
@@ -44,7 +44,6 @@ from llguidance.numpy import fill_next_token_bitmask_par
 from shardline.engine.sampling_params import StructuredOutputsParams
 
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-_BITS = torch.arange(32, dtype=torch.int32)
 
 
 def _lark_literal(text: str) -> str:
@@ -203,11 +202,4 @@ class BitmaskFiller:
         rows = self._buffer[: len(states)]
         fill_next_token_bitmask_par(self._executor, [(s.matcher, i) for i, s in enumerate(states)], rows)
         return torch.from_numpy(rows)
-
-
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """Set logits[i, t] to -inf wherever bit t of bitmask[i] is clear (in place)."""
-    vocab = logits.shape[1]
-    allowed = ((bitmask.unsqueeze(-1) >> _BITS) & 1).view(bitmask.shape[0], -1)[:, :vocab]
-    logits.masked_fill_(allowed == 0, float("-inf"))
 

@@ -85,8 +85,19 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Render OpenAI-style messages into the model's prompt text."""
+    @property
+    def takes_tools(self) -> bool:
+        """Whether the chat template renders a `tools` list itself (else tools go in a system message)."""
+        return self.chat_template is not None and "tools" in self.chat_template
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> str:
+        """Render OpenAI-style messages (and the tools on offer, for a template that takes them) into
+        the model's prompt text."""
         if self._compiled is None:
             raise ChatTemplateError("this model has no chat template; send a plain prompt instead")
         try:
@@ -95,6 +106,7 @@ class Tokenizer:
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
+                tools=list(tools) if tools else None,
             )
         except ChatTemplateError:
             raise

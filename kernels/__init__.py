@@ -66,6 +66,9 @@ register(
 )
 register("write_kv_cache", torch_impl=reference.write_kv_cache, native_impl=cpu_native.write_kv_cache)
 register(
+    "apply_token_bitmask", torch_impl=reference.apply_token_bitmask, native_impl=cpu_native.apply_token_bitmask
+)
+register(
     "dequant_matmul", torch_impl=quant.dequant_matmul, triton_impl=_lazy_triton("triton_quant", "dequant_matmul")
 )
 
@@ -194,6 +197,12 @@ def write_kv_cache(
     resolve("write_kv_cache", impl, key.device)(key, value, key_cache, value_cache, slot_mapping)
 
 
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor, impl: str = "auto") -> None:
+    """Constrained decoding's mask, in place: token t of logits row rows[k] to -inf where bit t of
+    bitmask[k] is clear."""
+    resolve("apply_token_bitmask", impl, logits.device)(logits, bitmask, rows)
+
+
 def dequant_matmul(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, bits: int, impl: str = "auto"
 ) -> torch.Tensor:
@@ -219,5 +228,6 @@ __all__ = [
     "silu_and_mul",
     "linear_silu_and_mul",
     "write_kv_cache",
+    "apply_token_bitmask",
     "dequant_matmul",
 ]

@@ -92,6 +92,8 @@ def _build() -> ctypes.CDLL:
             fn.restype = restype
     lib.write_kv_cache.argtypes = [p] * 5 + [i, l, l, l]
     lib.write_kv_cache.restype = None
+    lib.apply_token_bitmask_f32.argtypes = [p, p, p, i, i, i, l]
+    lib.apply_token_bitmask_f32.restype = None
     for suffix in ("f32", "bf16"):
         fn = getattr(lib, f"linear_packed_{suffix}")
         fn.argtypes = [p] * 4 + [i] * 4
@@ -316,6 +318,22 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(*x.shape[:-1], dim, dtype=x.dtype)
     fn(x.data_ptr(), out.data_ptr(), x.numel() // (2 * dim), dim, torch.get_num_threads())
     return out
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+    """Same contract as kernels.reference.apply_token_bitmask, for fp32 logits with contiguous rows."""
+    if logits.dtype != torch.float32 or logits.stride(1) != 1 or bitmask.dtype != torch.int32:
+        raise ValueError("apply_token_bitmask takes fp32 logits with contiguous rows and an int32 bitmask")
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {_build_error}")
+    bitmask = bitmask.contiguous()
+    rows = rows.to(torch.int64).contiguous()
+    if len(rows) and not (0 <= int(rows.min()) and int(rows.max()) < logits.shape[0]):
+        raise IndexError("apply_token_bitmask: a row index is out of range")
+    lib.apply_token_bitmask_f32(
+        logits.data_ptr(), bitmask.data_ptr(), rows.data_ptr(), len(rows), logits.shape[1], bitmask.shape[1], logits.stride(0)
+    )
 
 
 def write_kv_cache(

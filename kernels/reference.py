@@ -162,6 +162,20 @@ def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return silu_and_mul(linear(x, weight))
 
 
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+    """Constrained decoding's mask, in place: logits[rows[k], t] = -inf wherever bit t of bitmask[k]
+    ([K, ceil(vocab / 32)] int32, token t at bit t % 32 of word t // 32) is clear."""
+    vocab = logits.shape[1]
+    allowed = ((bitmask.unsqueeze(-1) >> _BITS.to(bitmask.device)) & 1).view(bitmask.shape[0], -1).bool()
+    if allowed.shape[1] < vocab:  # tokens past the mask are not allowed
+        allowed = F.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    sub = logits[rows]
+    logits[rows] = sub.masked_fill(~allowed[:, :vocab], float("-inf"))
+
+
 def write_kv_cache(
     key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:

@@ -16,7 +16,8 @@ import torch
 
 from shardline.engine import LLM, SamplingParams, StructuredOutputsParams
 from shardline.engine.sampler import Sampler, SamplingRow
-from shardline.engine.structured_output import BitmaskFiller, GrammarCompiler, apply_bitmask
+from shardline import kernels
+from shardline.engine.structured_output import BitmaskFiller, GrammarCompiler
 from shardline.engine.tokenizer import Tokenizer
 from tests.structured_schemas import SCHEMA_INSTANCES, SCHEMAS
 
@@ -99,21 +100,26 @@ def test_bitmask_allows_exactly_the_grammar_tokens(compiler, model_dir):
         text = tok.decode([t], skip_special_tokens=False)
         assert "yes".startswith(text) or "no".startswith(text), text
     logits = torch.randn(1, 512)
-    apply_bitmask(logits, mask)
+    kernels.apply_token_bitmask(logits, mask, torch.tensor([0]))
     assert {t for t in range(512) if logits[0, t] > float("-inf")} == allowed
 
 
-def test_apply_bitmask_matches_a_plain_loop():
-    torch.manual_seed(0)
-    vocab = 100  # not a multiple of 32
+@pytest.mark.parametrize("impl", ["torch", "native"])
+@pytest.mark.parametrize("vocab", [100, 128, 140])  # past the mask's last word (140 > 4 * 32): blocked
+def test_apply_token_bitmask_matches_a_plain_loop(impl, vocab):
+    if impl == "native" and not kernels.dispatch.native_available():
+        pytest.skip("no native kernels here")
+    torch.manual_seed(vocab)
     bits = torch.randint(-(2**31), 2**31 - 1, (3, 4), dtype=torch.int32)
-    logits = torch.randn(3, vocab)
+    bits[1, 0], bits[1, 1] = -1, 0  # a word that allows everything, one that allows nothing
+    logits = torch.randn(5, vocab)
+    rows = torch.tensor([4, 0, 2])  # mask row k masks logits row rows[k]; rows 1 and 3 stay as they are
     expected = logits.clone()
-    for r in range(3):
+    for k, r in enumerate(rows.tolist()):
         for t in range(vocab):
-            if not (int(bits[r, t // 32]) >> (t % 32)) & 1:
+            if t >= 128 or not (int(bits[k, t // 32]) >> (t % 32)) & 1:
                 expected[r, t] = float("-inf")
-    apply_bitmask(logits, bits)
+    kernels.apply_token_bitmask(logits, bits, rows, impl=impl)
     assert torch.equal(logits, expected)
 
 

@@ -915,6 +915,31 @@ DEFINE_SILU_AND_MUL(silu_and_mul_bf16, uint16_t, bf16_to_f32, f32_to_bf16, bf16)
 //   key, value: [num_tokens, num_kv_heads * head_dim] rows at any stride
 //   k_cache, v_cache: [num_slots, num_kv_heads * head_dim]; slot_mapping: [num_tokens]
 
+// Constrained decoding's token mask (engine/structured_output.py), in place: logits[rows[k], t] = -inf
+// wherever bit t of mask row k is clear (token t at bit t % 32 of word t / 32; tokens past the mask
+// are cleared too). A word with every bit set is skipped, one with none is filled whole: a JSON
+// grammar's mask is mostly such words.
+void apply_token_bitmask_f32(float* logits, const int32_t* mask, const int64_t* rows, int num_rows, int vocab,
+                             int width, long logits_stride) {
+    const float ninf = -INFINITY;
+    for (int k = 0; k < num_rows; ++k) {
+        float* row = logits + rows[k] * logits_stride;
+        const uint32_t* m = (const uint32_t*)(mask + (long)k * width);
+        for (int w = 0; w < width && w * 32 < vocab; ++w) {
+            const uint32_t bits = m[w];
+            if (bits == 0xffffffffu) continue;
+            const int base = w * 32, n = vocab - base < 32 ? vocab - base : 32;
+            if (bits == 0) {
+                for (int b = 0; b < n; ++b) row[base + b] = ninf;
+            } else {
+                for (int b = 0; b < n; ++b)
+                    if (!((bits >> b) & 1u)) row[base + b] = ninf;
+            }
+        }
+        for (int t = width * 32; t < vocab; ++t) row[t] = ninf;
+    }
+}
+
 void write_kv_cache(const char* key, const char* value, char* k_cache, char* v_cache, const int64_t* slot_mapping,
                     int num_tokens, long row_bytes, long key_stride_bytes, long value_stride_bytes) {
     for (int t = 0; t < num_tokens; t++) {
