@@ -173,6 +173,12 @@ class GrammarCompiler:
         template = llg.LLMatcher(self.tokenizer, grammar, log_level=0)
         if template.is_error():
             raise ValueError(f"unsupported {spec.kind}: {template.get_error()}")
+        # Some grammars compile yet cannot start an output (a schema that only refers to itself):
+        # their first mask puts the matcher in its error state. Refuse them here, not mid-request.
+        probe = template.deep_copy()
+        probe.compute_bitmask()
+        if probe.is_error():
+            raise ValueError(f"unsupported {spec.kind}: no output can satisfy it ({probe.get_error().splitlines()[0]})")
         with self._lock:
             self.misses += 1
             self._cache[key] = template

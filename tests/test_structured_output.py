@@ -78,6 +78,10 @@ def test_compiler_caches_each_spec_once_and_names_what_is_wrong(compiler):
         compiler.compile(StructuredOutputsParams(json={"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}))
     with pytest.raises(ValueError, match="unsupported grammar"):
         compiler.compile(StructuredOutputsParams(grammar="start: undefined_rule"))
+    with pytest.raises(ValueError, match="Unknown format: no-such-format"):
+        compiler.compile(StructuredOutputsParams(json={"type": "string", "format": "no-such-format"}))
+    with pytest.raises(ValueError, match="no output can satisfy it"):  # a $ref cycle with nothing else
+        compiler.compile(StructuredOutputsParams(json={"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}))
 
 
 def test_cache_keeps_the_most_recent_specs(model_dir):
