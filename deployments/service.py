@@ -5,10 +5,10 @@
 router in production, a ModelReplica itself in tests. For one request it
 
 1. names the tenant (the API key's, else the `user` field's; 401 when the
-   server requires a key), checks the model name (404) and builds
-   SamplingParams (400); the tenant's cache salt comes from its record only,
-2. renders the chat template and tokenizes (the ingress owns the tokenizer, so
-   the scheduler routes on token ids: router.py hashes them),
+   server requires a key); the tenant's cache salt comes from its record only,
+2. checks the body and turns it into SamplingParams and token ids (prepare.py:
+   404, 400s; the ingress owns the tokenizer, so the scheduler routes on token
+   ids: router.py hashes them),
 3. opens one replica stream per prompt and waits for each to be admitted or
    rejected, so a 400/429 is answered before any byte of a 200,
 4. answers with one JSON body, or streams server-sent events ending in
@@ -30,14 +30,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from shardline.cluster.tenants import Tenant, TenantRegistry, UnknownApiKey
 from shardline.deployments.config import ServeConfig
-from shardline.deployments.errors import APIError, model_not_found
+from shardline.deployments.errors import APIError
 from shardline.deployments.events import Admitted, Delta, Failed, GenerateRequest, Rejected, ReplicaEvent
 from shardline.deployments.openai_format import SSE_DONE, ResponseBuilder, sse
+from shardline.deployments.prepare import Prepared, RequestPreparer
 from shardline.deployments.protocol import ChatCompletionRequest, CompletionRequest
-from shardline.deployments.tool_calls import render_messages, tool_grammar
-from shardline.engine.sampling_params import SamplingParams, StructuredOutputsParams
-from shardline.engine.structured_output import GrammarCompiler
-from shardline.engine.tokenizer import ChatTemplateError, Tokenizer
+from shardline.engine.tokenizer import Tokenizer
 
 
 class Backend(Protocol):
@@ -155,10 +153,6 @@ class _Streams:
                     pass  # already running in a cancelled pump task, or finished
 
 
-def _constraint_param(body: Union[CompletionRequest, ChatCompletionRequest]) -> str:
-    return "structured_outputs" if body.structured_outputs is not None else "response_format"
-
-
 class OpenAIService:
     """Completions and chat completions over a backend of model replicas.
 
@@ -177,9 +171,7 @@ class OpenAIService:
         self.backend = backend
         self.tenants = tenants or TenantRegistry()
         self.created = int(time.time())
-        # Checks a request's output constraint here, so that a bad one is a 400 naming its field,
-        # before the request queues (the replica compiles it again, from its own cache).
-        self._grammars: Optional[GrammarCompiler] = None
+        self.prepare = RequestPreparer(config.model_name, tokenizer, config.max_logprobs, config.max_n)
 
     # ---- endpoints ---------------------------------------------------------------
 
@@ -189,37 +181,11 @@ class OpenAIService:
 
     async def completions(self, body: CompletionRequest, api_key: Optional[str] = None):
         tenant = self._tenant(api_key, body.user)
-        self._check_model(body.model)
-        params = self._sampling_params(body, "logprobs")
-        self._check_constraint(params, _constraint_param(body))
-        prompts = [self._encode(p) for p in body.prompts()]
-        return await self._respond("completion", "cmpl", body, params, prompts, "prompt", body.logprobs, tenant)
+        return await self._respond(body, self.prepare.completion(body), tenant)
 
     async def chat(self, body: ChatCompletionRequest, api_key: Optional[str] = None):
         tenant = self._tenant(api_key, body.user)
-        self._check_model(body.model)
-        tool_choice = body.effective_tool_choice
-        tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-        try:
-            tool_constraint = tool_grammar(tools, tool_choice, body.parallel_tool_calls) if tools else None
-        except ValueError as e:
-            raise APIError(400, str(e), "tool_choice") from None
-        if tool_constraint is not None and (body.structured_outputs is not None or
-                                            (body.response_format is not None and body.response_format.type != "text")):
-            raise APIError(400, 'tools with a tool_choice other than "none" cannot be combined with response_format '
-                           "or structured_outputs", "tool_choice")
-        params = self._sampling_params(body, "top_logprobs", tool_constraint)
-        self._check_constraint(params, "tool_choice" if tool_constraint is not None else _constraint_param(body))
-        messages = render_messages([m.as_template_input() for m in body.messages], tools, self.tokenizer.takes_tools)
-        try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
-        except ChatTemplateError as e:
-            raise APIError(400, str(e), "messages") from None
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        top = (body.top_logprobs or 0) if body.logprobs else None
-        return await self._respond(
-            "chat", "chatcmpl", body, params, [ids], "messages", top, tenant, tool_calls=tool_choice != "none"
-        )
+        return await self._respond(body, self.prepare.chat(body), tenant)
 
     # ---- steps -------------------------------------------------------------------
 
@@ -230,66 +196,17 @@ class OpenAIService:
         except UnknownApiKey as e:
             raise APIError(401, str(e)) from None
 
-    def _check_model(self, name: str) -> None:
-        if name != self.config.model_name:
-            raise model_not_found(name)
-
-    def _sampling_params(
-        self,
-        body: Union[CompletionRequest, ChatCompletionRequest],
-        logprobs_param: str,
-        constraint: Optional[StructuredOutputsParams] = None,
-    ) -> SamplingParams:
-        """`constraint`: the tool calls' grammar, for a chat request whose tools call for one."""
-        try:
-            params = body.to_sampling_params(constraint)
-        except ValueError as e:
-            raise APIError(400, str(e), _constraint_param(body) if "structured outputs" in str(e) else None) from None
-        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
-            raise APIError(400, f"{logprobs_param} must be at most {self.config.max_logprobs}", logprobs_param)
-        if params.n > self.config.max_n:
-            raise APIError(400, f"n={params.n} exceeds this server's limit of {self.config.max_n}", "n")
-        return params
-
-    def _check_constraint(self, params: SamplingParams, param: str) -> None:
-        if params.structured_outputs is None:
-            return
-        if self._grammars is None:
-            self._grammars = GrammarCompiler(self.tokenizer.to_json(), self.tokenizer.vocab_size, [])
-        try:
-            self._grammars.compile(params.structured_outputs)
-        except ValueError as e:
-            raise APIError(400, str(e), param) from None
-
-    def _encode(self, prompt: Union[str, list[int]]) -> list[int]:
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
-            if not ids:
-                raise APIError(400, "prompt is empty after tokenization", "prompt")
-            return ids
-        return list(prompt)
-
-    async def _respond(
-        self,
-        kind: str,
-        id_prefix: str,
-        body: Union[CompletionRequest, ChatCompletionRequest],
-        params: SamplingParams,
-        prompts: list[list[int]],
-        prompt_param: str,
-        top_logprobs: Optional[int],
-        tenant: Tenant,
-        tool_calls: bool = False,
-    ):
+    async def _respond(self, body: Union[CompletionRequest, ChatCompletionRequest], prepared: Prepared, tenant: Tenant):
         deadline = _Deadline(self.config.request_timeout_s)
-        response_id = f"{id_prefix}-{uuid.uuid4().hex}"
+        response_id = f"{'chatcmpl' if prepared.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         now = time.time()
+        params = prepared.params
         requests = [
             GenerateRequest(
-                f"{response_id}-{i}", ids, params, prompt_param, cache_salt=tenant.cache_salt, arrival_time=now,
+                f"{response_id}-{i}", ids, params, prepared.prompt_param, cache_salt=tenant.cache_salt, arrival_time=now,
                 tenant_id=tenant.tenant_id,
             )
-            for i, ids in enumerate(prompts)
+            for i, ids in enumerate(prepared.prompts)
         ]
         streams = _Streams([self.backend.generate(r) for r in requests])
         try:
@@ -298,7 +215,9 @@ class OpenAIService:
             raise
         except Exception as e:  # the replica could not be reached or died
             raise _failure(e) from None
-        builder = ResponseBuilder(kind, response_id, int(now), self.config.model_name, params.n, top_logprobs, tool_calls)
+        builder = ResponseBuilder(
+            prepared.kind, response_id, int(now), self.config.model_name, params.n, prepared.top_logprobs, prepared.tool_calls
+        )
         for i, a in enumerate(admitted):
             builder.admitted(i, a.prompt_tokens)
         if body.stream:
