@@ -4,6 +4,7 @@
     shardline generate --model M "prompt"  run prompts offline through the engine
     shardline serve | status               the served app (shardline.deployments.cli)
     shardline capacity                     replicas for a load (shardline.autoscaling.cli)
+    shardline batch submit | status | ...  batch jobs (shardline.deployments.batch_cli)
 
 It sits above every layer: the one module that gathers the commands of all of them.
 
@@ -88,17 +89,18 @@ _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
 def _load_extra_commands() -> None:
-    """Add `serve`, `status` and `capacity`; leave them out where the `serve` extra is not installed."""
+    """Add `serve`, `status`, `capacity` and `batch`; leave them out where the `serve` extra is not installed."""
     if _EXTRA_COMMANDS:
         return
     try:
         from shardline.autoscaling import cli as autoscaling_cli
+        from shardline.deployments import batch_cli
         from shardline.deployments import cli as deployments_cli
     except ModuleNotFoundError as e:
         if e.name and e.name.split(".")[0] == "shardline":
             raise
         return  # ray, pydantic, ...: pip install 'shardline[serve]'
-    _EXTRA_COMMANDS.extend([deployments_cli.register, autoscaling_cli.register])
+    _EXTRA_COMMANDS.extend([deployments_cli.register, autoscaling_cli.register, batch_cli.register])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
