@@ -78,7 +78,7 @@ class JobSpec:
         endpoint: for an OpenAI input, the one endpoint every line must name.
         defaults: sampling defaults for rows that do not say (max_tokens, temperature, ...).
         engine: engine settings for dedicated actors (dtype, max_num_seqs, ...).
-        app_name: the Serve app a fleet job sends its rows to.
+        base_url: the served app's OpenAI base URL a fleet job sends its rows to.
         created_at: Unix time.
     """
 
@@ -94,7 +94,7 @@ class JobSpec:
     endpoint: Optional[str] = None
     defaults: dict[str, Any] = field(default_factory=dict)
     engine: dict[str, Any] = field(default_factory=dict)
-    app_name: str = "shardline"
+    base_url: str = "http://127.0.0.1:8000/v1"
     created_at: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:

@@ -26,6 +26,8 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from shardline.cluster.scheduler_actor import DEFAULT_NAMESPACE, scheduler_name
+from shardline.deployments.batch_api import BatchStore
+from shardline.deployments.batch_api import start as start_batch_job
 from shardline.deployments.config import INGRESS_NAME, REPLICA_ENV, REPLICA_NAME, ServeConfig
 from shardline.deployments.http_listener import HttpListener
 from shardline.deployments.ingress import Gate, build_openai_app
@@ -133,8 +135,9 @@ class OpenAIIngress:
             with_text=config.routing == "prefix_approx",
             step_streams=StepStreams(replica_handle, ingress_id) if config.step_stream else None,
         )  # fmt: skip
-        service = OpenAIService(config, Tokenizer(resolve_model(config.model)), self.router, tenants)
-        self._app = build_openai_app(service, self.gate, config)
+        self.service = OpenAIService(config, Tokenizer(resolve_model(config.model)), self.router, tenants)
+        store = BatchStore(config.data_dir, config.model_name)
+        self._app = build_openai_app(self.service, self.gate, config, store, start_batch_job)
         self.listener = None
         if config.http_port is not None:
             self.listener = HttpListener(self._app, config.http_host, config.http_port)

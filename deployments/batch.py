@@ -5,9 +5,10 @@
 
 Two ways to run. Dedicated: engine actors of the job's own (`BatchEngine`, one
 per actor, `concurrency` = (fewest, most) actors; more start while the cluster
-has free CPUs, as nodes join). Fleet: shards go to the served app's ingress,
-whose rows queue at batch priority in the head-node scheduler, so they fill idle
-capacity and never hold back interactive requests (tenant quotas apply).
+has free CPUs, as nodes join). Fleet: each shard is a Ray task that sends its
+rows to the served app's OpenAI endpoints with the batch priority header
+(`run_over_http`): they queue at batch priority in the head-node scheduler, fill
+idle capacity and never hold back interactive requests (tenant quotas apply).
 
 The bookkeeping is cluster/batch_job.py's: a shard is done when its output file
 exists, so the driver writes each shard as it finishes and skips finished ones on
@@ -78,7 +79,7 @@ def create_job(
     output_format: Optional[str] = None,
     defaults: Optional[dict[str, Any]] = None,
     engine: Optional[dict[str, Any]] = None,
-    app_name: str = "shardline",
+    base_url: str = "http://127.0.0.1:8000/v1",
     job_id: Optional[str] = None,
 ) -> JobDir:
     """Check the input (ValueError before any compute) and write the job's directory."""
@@ -96,7 +97,7 @@ def create_job(
         endpoint=info.endpoint,
         defaults=dict(defaults or {}),
         engine=dict(engine or {}),
-        app_name=app_name,
+        base_url=base_url,
     )
     return JobDir.create(job_dir, spec)
 
@@ -155,10 +156,15 @@ class Driver:
         job: the job's directory.
         on_progress: called after every finished shard.
         poll_s: how often the driver looks at its actors, the cancel flag and the cluster's CPUs.
+        api_key: a fleet job's key for the app (its tenant pays); never written to the job folder.
     """
 
-    def __init__(self, job: JobDir, on_progress: Optional[Callable[[Progress], None]] = None, poll_s: float = 0.5):
+    def __init__(
+        self, job: JobDir, on_progress: Optional[Callable[[Progress], None]] = None, poll_s: float = 0.5,
+        api_key: Optional[str] = None,
+    ):
         self.job = job
+        self.api_key = api_key
         self.spec = job.spec
         self.on_progress = on_progress
         self.poll_s = poll_s
@@ -176,11 +182,7 @@ class Driver:
         import ray
 
         if self.spec.mode == "fleet":
-            from ray import serve
-
-            from shardline.deployments.config import INGRESS_NAME
-
-            return _Slot(serve.get_deployment_handle(INGRESS_NAME, self.spec.app_name))
+            return _Slot(None)  # a lane: each shard goes as a task of its own
         from shardline.deployments.batch_worker import BatchEngine
 
         engine = {k: v for k, v in self.spec.engine.items() if k not in ("num_cpus", "num_gpus")}
@@ -200,7 +202,10 @@ class Driver:
         return free.get("CPU", 0) >= need["num_cpus"] and free.get("GPU", 0) >= need["num_gpus"]
 
     def _submit(self, slot: _Slot, shard: Shard, rows: list[BatchRow], attempt: int) -> None:
-        ref = slot.handle.run_batch_rows.remote(rows) if self.spec.mode == "fleet" else slot.handle.run.remote(rows)
+        if self.spec.mode == "fleet":
+            ref = _fleet_shard().remote(self.spec.base_url, rows, self.api_key)
+        else:
+            ref = slot.handle.run.remote(rows)
         slot.running = (ref, shard, rows, attempt)
         slot.last_key = rows[0].cache_key() if rows else ""
 
@@ -250,6 +255,10 @@ class Driver:
         except _JobFailed as e:
             job.set_state(FAILED, str(e))
             return self._finish()
+        except BaseException as e:  # a bug or an interrupt: the job says so, and resume can go on
+            job.set_state(FAILED, f"{type(e).__name__}: {_last_line(e)}")
+            self._finish()
+            raise
         self._finalize()
         job.set_state(COMPLETED)
         return self._finish()
@@ -273,10 +282,10 @@ class Driver:
         try:
             results: list[RowResult] = ray.get(ref)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.ObjectLostError) as e:
-            logger.warning("batch %s: shard %d failed on attempt %d: %s", self.spec.job_id, shard.index, attempt,
-                           str(e).splitlines()[0] if str(e) else type(e).__name__)
+            why = _last_line(e)
+            logger.warning("batch %s: shard %d failed on attempt %d: %s", self.spec.job_id, shard.index, attempt, why)
             if attempt >= MAX_ATTEMPTS:
-                raise _JobFailed(f"shard {shard.index} failed {attempt} times; last: {type(e).__name__}") from None
+                raise _JobFailed(f"shard {shard.index} failed {attempt} times; last: {why}") from None
             self._replace(slot)
             self.progress.rows_retried += len(rows)
             queue.appendleft((shard, rows, attempt + 1))
@@ -344,6 +353,27 @@ class _JobFailed(Exception):
     pass
 
 
+def _last_line(error: BaseException) -> str:
+    """The line of a (remote) error that says what went wrong: its last non-empty one."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(error).__name__
+
+
+_fleet_task = None
+
+
+def _fleet_shard():
+    """`run_over_http` as a Ray task (made on first use: importing this module must not need Ray)."""
+    global _fleet_task
+    if _fleet_task is None:
+        import ray
+
+        from shardline.deployments.batch_worker import run_over_http
+
+        _fleet_task = ray.remote(num_cpus=0, max_retries=0)(run_over_http)
+    return _fleet_task
+
+
 class BatchJob:
     """A submitted job, running on a thread of this process.
 
@@ -351,9 +381,11 @@ class BatchJob:
         job: its directory.
     """
 
-    def __init__(self, job: JobDir, on_progress: Optional[Callable[[Progress], None]] = None):
+    def __init__(
+        self, job: JobDir, on_progress: Optional[Callable[[Progress], None]] = None, api_key: Optional[str] = None
+    ):
         self.job = job
-        self.driver = Driver(job, on_progress)
+        self.driver = Driver(job, on_progress, api_key=api_key)
         self._result: Optional[dict[str, Any]] = None
         self._error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._run, name=f"batch-{job.spec.job_id}", daemon=True)

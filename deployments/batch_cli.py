@@ -2,19 +2,22 @@
 
     shardline batch submit rows.parquet --output runs/job1 [--model M] [--dedicated | --fleet]
                            [--concurrency MIN,MAX] [--shard-rows N] [--max-tokens N] [--temperature T]
-                           [--output-format parquet|openai] [--address auto]
+                           [--output-format parquet|openai] [--address auto] [--base-url URL]
     shardline batch status runs/job1 [--json]
     shardline batch cancel runs/job1
     shardline batch resume runs/job1
 
 `submit` and `resume` run the job in the foreground with a progress bar (rows,
-tokens/s, ETA); Ctrl-C stops the driver and leaves a job `resume` finishes.
+tokens/s, ETA); Ctrl-C stops the driver and leaves a job `resume` finishes. A
+fleet job's API key comes from SHARDLINE_API_KEY (never a flag: it would show in
+the process list), and is not written to the job folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -57,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per dedicated engine actor (its torch threads)")
     p.add_argument("--address", help="Ray cluster to use (auto: the one running here); default: start one (dedicated) "
                    "or join the local one (fleet)")
-    p.add_argument("--app-name", default="shardline", help="the served app (fleet)")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="the served app's OpenAI base URL (fleet)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_submit)
 
@@ -122,7 +125,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     job = batch.submit(
         args.input, args.output, model=args.model, mode=args.mode, concurrency=args.concurrency,
         shard_rows=args.shard_rows, output_format=args.output_format, defaults=defaults, engine=engine,
-        address=args.address, app_name=args.app_name,
+        address=args.address, base_url=args.base_url, api_key=os.environ.get("SHARDLINE_API_KEY"),
     )
     return _follow(job, args.quiet)
 
@@ -130,7 +133,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 def _cmd_resume(args: argparse.Namespace) -> int:
     from shardline import batch
 
-    return _follow(batch.resume(args.job, address=args.address), args.quiet)
+    return _follow(batch.resume(args.job, address=args.address, api_key=os.environ.get("SHARDLINE_API_KEY")), args.quiet)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

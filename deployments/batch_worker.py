@@ -1,4 +1,4 @@
-"""Runs batch rows on an engine of its own: a dedicated batch job's unit of work.
+"""Runs batch rows: on an engine of its own (dedicated jobs), or through the served app (fleet jobs).
 
 `BatchEngine` owns an LLMEngine for one model and turns a shard's rows into
 results: each row's body goes through the same checks as an HTTP request
@@ -7,10 +7,17 @@ prompt past the context), becomes an error result with its line number, and the
 others run together, continuously batched, to the end. Answers are built as the
 HTTP endpoints build them (openai_format.ResponseBuilder), tool calls included.
 Plain Python; deployments/batch.py wraps it in a Ray actor.
+
+`run_over_http` sends a fleet job's shard to the app's OpenAI endpoints with the
+batch priority header, so that its rows wait behind interactive requests in the
+head node's scheduler and take only idle capacity; the API key's tenant pays and
+its quotas apply. A full queue's 429 is waited out (Retry-After); another 4xx is
+the row's error; a 5xx or a lost connection fails the shard, which runs again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from typing import Any, Optional, Union
@@ -76,46 +83,120 @@ class BatchEngine:
         return [results[row.index] for row in rows]
 
     def _prepare(self, row: BatchRow, results: dict[int, RowResult]) -> Optional[Prepared]:
-        """The row as engine input, or None with its error result recorded."""
-        if row.error is not None:
-            results[row.index] = RowResult.failed(row, row.error)
-            return None
-        request_type: type[Union[ChatCompletionRequest, CompletionRequest]] = (
-            ChatCompletionRequest if row.kind == "chat" else CompletionRequest
-        )
-        try:
-            body = request_type.model_validate(row.body)
-            if body.stream:
-                raise APIError(400, "stream is not allowed in a batch row", "stream")
-            prepared = self.prepare.chat(body) if row.kind == "chat" else self.prepare.completion(body)
-            if len(prepared.prompts) != 1:
-                raise APIError(400, "a batch row holds one prompt", "prompt")
-        except ValidationError as e:
-            error = from_validation_errors(e.errors())
-            results[row.index] = RowResult.failed(row, f"line {row.line}: {error.message}", error.status)
-            return None
-        except APIError as e:
-            results[row.index] = RowResult.failed(row, f"line {row.line}: {e.message}", e.status)
+        prepared = prepare_row(self.prepare, row)
+        if isinstance(prepared, RowResult):
+            results[row.index] = prepared
             return None
         return prepared
 
     def _result(self, row: BatchRow, prepared: Prepared, out: RequestOutput) -> RowResult:
-        kind = prepared.kind
-        builder = ResponseBuilder(
-            kind, f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{out.request_id}", int(time.time()), self.model_name,
-            prepared.params.n, prepared.top_logprobs, prepared.tool_calls,
-        )
-        builder.admitted(0, len(out.prompt_token_ids))
-        for c in out.outputs:
-            builder.add(0, ChoiceDelta(c.index, c.text, c.token_ids, c.logprobs, c.finish_reason), out.num_cached_tokens)
-        body = builder.final_body()
-        first = body["choices"][0]
-        text = first["message"]["content"] if kind == "chat" else first["text"]
-        usage = body["usage"]
-        return RowResult(
-            row.index, row.line, row.custom_id, row.passthrough, 200, body, None, text, first["finish_reason"],
-            usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"], usage["completion_tokens"],
-        )
+        choices = [ChoiceDelta(c.index, c.text, c.token_ids, c.logprobs, c.finish_reason) for c in out.outputs]
+        return row_result(row, prepared, self.model_name, out.request_id, len(out.prompt_token_ids), out.num_cached_tokens,
+                          choices)
 
     def stats(self) -> dict[str, Any]:
         return {"unfinished": self.engine.get_num_unfinished_requests()}
+
+
+def prepare_row(preparer: RequestPreparer, row: BatchRow) -> Union[Prepared, RowResult]:
+    """A row as engine input, through the same checks as an HTTP request; or its error result."""
+    if row.error is not None:
+        return RowResult.failed(row, row.error)
+    request_type: type[Union[ChatCompletionRequest, CompletionRequest]] = (
+        ChatCompletionRequest if row.kind == "chat" else CompletionRequest
+    )
+    try:
+        body = request_type.model_validate(row.body)
+        if body.stream:
+            raise APIError(400, "stream is not allowed in a batch row", "stream")
+        prepared = preparer.chat(body) if row.kind == "chat" else preparer.completion(body)
+        if len(prepared.prompts) != 1:
+            raise APIError(400, "a batch row holds one prompt", "prompt")
+    except ValidationError as e:
+        error = from_validation_errors(e.errors())
+        return RowResult.failed(row, f"line {row.line}: {error.message}", error.status)
+    except APIError as e:
+        return RowResult.failed(row, f"line {row.line}: {e.message}", e.status)
+    return prepared
+
+
+def row_result(
+    row: BatchRow, prepared: Prepared, model_name: str, request_id: str, prompt_tokens: int, cached_tokens: int,
+    choices: list[ChoiceDelta],
+) -> RowResult:
+    """A finished row's result: the OpenAI response body, as the HTTP endpoints build it, and its usage."""
+    kind = prepared.kind
+    builder = ResponseBuilder(
+        kind, f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{request_id}", int(time.time()), model_name,
+        prepared.params.n, prepared.top_logprobs, prepared.tool_calls,
+    )
+    builder.admitted(0, prompt_tokens)
+    for choice in choices:
+        builder.add(0, choice, cached_tokens)
+    body = builder.final_body()
+    first = body["choices"][0]
+    usage = body["usage"]
+    return RowResult(
+        row.index, row.line, row.custom_id, row.passthrough, 200, body, None,
+        first["message"]["content"] if kind == "chat" else first["text"], first["finish_reason"],
+        usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"], usage["completion_tokens"],
+    )
+
+
+PRIORITY_HEADER = "x-shardline-priority"  # deployments/ingress.py reads it
+ROUTES = {"chat": "/chat/completions", "completion": "/completions"}
+
+
+class ShardFailed(RuntimeError):
+    """The app could not answer a row (a 5xx, a lost connection): the whole shard runs again."""
+
+
+def run_over_http(
+    base_url: str, rows: list[BatchRow], api_key: Optional[str] = None, concurrency: int = 16, timeout_s: float = 600.0
+) -> list[RowResult]:
+    """A fleet shard's rows through the app at `base_url` (".../v1"), `concurrency` at a time."""
+    import httpx
+
+    headers = {PRIORITY_HEADER: "batch"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+
+    async def one(client: httpx.AsyncClient, gate: asyncio.Semaphore, row: BatchRow) -> RowResult:
+        if row.error is not None:
+            return RowResult.failed(row, row.error)
+        body = {**(row.body or {}), "stream": False}
+        async with gate:
+            while True:
+                try:
+                    reply = await client.post(base_url.rstrip("/") + ROUTES[row.kind], json=body)
+                except httpx.HTTPError as e:
+                    raise ShardFailed(f"row {row.index}: {type(e).__name__}: {e}") from None
+                if reply.status_code == 429:
+                    await asyncio.sleep(float(reply.headers.get("retry-after") or 1))
+                    continue
+                break
+        if reply.status_code >= 500:
+            raise ShardFailed(f"row {row.index}: HTTP {reply.status_code}: {reply.text[:200]}")
+        data = reply.json()
+        if reply.status_code != 200:
+            message = (data.get("error") or {}).get("message", reply.text[:200]) if isinstance(data, dict) else reply.text[:200]
+            return RowResult.failed(row, f"line {row.line}: {message}", reply.status_code)
+        return _http_result(row, data)
+
+    async def all_rows() -> list[RowResult]:
+        gate = asyncio.Semaphore(max(1, concurrency))
+        async with httpx.AsyncClient(headers=headers, timeout=timeout_s) as client:
+            return list(await asyncio.gather(*(one(client, gate, row) for row in rows)))
+
+    return asyncio.run(all_rows())
+
+
+def _http_result(row: BatchRow, body: dict[str, Any]) -> RowResult:
+    first = body["choices"][0]
+    usage = body.get("usage") or {}
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    text = first["message"].get("content") if "message" in first else first.get("text")
+    return RowResult(
+        row.index, row.line, row.custom_id, row.passthrough, 200, body, None, text, first.get("finish_reason"),
+        usage.get("prompt_tokens", 0), cached, usage.get("completion_tokens", 0),
+    )

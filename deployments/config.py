@@ -195,6 +195,11 @@ class ServeConfig(BaseModel):
     )
     max_body_bytes: int = Field(4 << 20, ge=1024, description="Largest request body; more gets 413.")
     max_header_bytes: int = Field(16 << 10, ge=1024, description="Largest total size of request headers; more gets 431.")
+    data_dir: str = Field(
+        "~/.cache/shardline/data",
+        description="Where the Files and Batches API keeps uploads and batch jobs (on the ingress's node; shared "
+        "storage when ingress replicas run on several nodes).",
+    )
     graceful_shutdown_s: float = Field(
         30.0, ge=0, description="On shutdown, how long requests in flight may run before they are cut."
     )

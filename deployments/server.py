@@ -156,7 +156,6 @@ def drain(app_name: str, grace_s: float, poll_s: float = 0.2) -> int:
 def stop(options: ServerOptions, started_ray: bool) -> None:
     """Take our app off the cluster, then leave it; a cluster we started goes whole with
     `ray.shutdown()` (Serve's own shutdown would only add its controller's retries to the log)."""
-    import ray
     from ray import serve
 
     from shardline.deployments.scheduling import stop_scheduler

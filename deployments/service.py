@@ -179,13 +179,13 @@ class OpenAIService:
         card = {"id": self.config.model_name, "object": "model", "created": self.created, "owned_by": "shardline"}
         return {"object": "list", "data": [card]}
 
-    async def completions(self, body: CompletionRequest, api_key: Optional[str] = None):
+    async def completions(self, body: CompletionRequest, api_key: Optional[str] = None, priority: str = "interactive"):
         tenant = self._tenant(api_key, body.user)
-        return await self._respond(body, self.prepare.completion(body), tenant)
+        return await self._respond(body, self.prepare.completion(body), tenant, priority)
 
-    async def chat(self, body: ChatCompletionRequest, api_key: Optional[str] = None):
+    async def chat(self, body: ChatCompletionRequest, api_key: Optional[str] = None, priority: str = "interactive"):
         tenant = self._tenant(api_key, body.user)
-        return await self._respond(body, self.prepare.chat(body), tenant)
+        return await self._respond(body, self.prepare.chat(body), tenant, priority)
 
     # ---- steps -------------------------------------------------------------------
 
@@ -196,7 +196,9 @@ class OpenAIService:
         except UnknownApiKey as e:
             raise APIError(401, str(e)) from None
 
-    async def _respond(self, body: Union[CompletionRequest, ChatCompletionRequest], prepared: Prepared, tenant: Tenant):
+    async def _respond(
+        self, body: Union[CompletionRequest, ChatCompletionRequest], prepared: Prepared, tenant: Tenant, priority: str
+    ):
         deadline = _Deadline(self.config.request_timeout_s)
         response_id = f"{'chatcmpl' if prepared.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         now = time.time()
@@ -204,7 +206,7 @@ class OpenAIService:
         requests = [
             GenerateRequest(
                 f"{response_id}-{i}", ids, params, prepared.prompt_param, cache_salt=tenant.cache_salt, arrival_time=now,
-                tenant_id=tenant.tenant_id,
+                tenant_id=tenant.tenant_id, priority=priority,
             )
             for i, ids in enumerate(prepared.prompts)
         ]

@@ -35,7 +35,18 @@ _ENGINE_EXPORTS = {
     "AsyncLLMEngine": "shardline.engine.async_engine",
 }
 
-__all__ = [*_ENGINE_EXPORTS, "__version__"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "StructuredOutputsParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "Logprob",
+    "EngineConfig",
+    "LLMEngine",
+    "AsyncLLMEngine",
+    "__version__",
+]
 
 if TYPE_CHECKING:
     from shardline.engine.async_engine import AsyncLLMEngine

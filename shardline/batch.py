@@ -31,7 +31,8 @@ def submit(
     defaults: Optional[dict[str, Any]] = None,
     engine: Optional[dict[str, Any]] = None,
     address: Optional[str] = None,
-    app_name: str = "shardline",
+    base_url: str = "http://127.0.0.1:8000/v1",
+    api_key: Optional[str] = None,
     on_progress: Optional[Callable[[Progress], None]] = None,
 ) -> BatchJob:
     """Check the input, write the job folder and start the job; returns at once.
@@ -48,23 +49,24 @@ def submit(
         engine: EngineConfig settings of dedicated engines, plus num_cpus / num_gpus per actor.
         address: the Ray cluster ("auto": the local one); default: join the local one in fleet mode,
             start one in dedicated mode when none runs.
-        app_name: the Serve app of a fleet job.
+        base_url: a fleet job's app, its OpenAI base URL.
+        api_key: a fleet job's key for the app (its tenant pays and its quotas apply); not stored.
         on_progress: called with a `Progress` after every finished shard.
     """
     connect(address if address or mode == "dedicated" else "auto")
     job = create_job(
         input_path, job_dir, model=model, mode=mode, concurrency=concurrency, shard_rows=shard_rows,
-        output_format=output_format, defaults=defaults, engine=engine, app_name=app_name,
+        output_format=output_format, defaults=defaults, engine=engine, base_url=base_url,
     )
-    return BatchJob(job, on_progress)
+    return BatchJob(job, on_progress, api_key)
 
 
-def resume(job_dir: str | Path, *, address: Optional[str] = None,
+def resume(job_dir: str | Path, *, address: Optional[str] = None, api_key: Optional[str] = None,
            on_progress: Optional[Callable[[Progress], None]] = None) -> BatchJob:
     """Run what a job has left (its finished shards stay as they are)."""
     job = JobDir(job_dir)
     connect(address if address or job.spec.mode == "dedicated" else "auto")
-    return BatchJob(job, on_progress)
+    return BatchJob(job, on_progress, api_key)
 
 
 def status(job_dir: str | Path) -> dict[str, Any]:

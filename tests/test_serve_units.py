@@ -17,6 +17,7 @@ import yaml
 from shardline.deployments.admission import AdmissionLoad, admit
 from shardline.deployments.config import ServeConfig
 from shardline.deployments.events import Admitted, ChoiceDelta, Delta, Failed, GenerateRequest
+from shardline.deployments.batch_api import BatchStore
 from shardline.deployments.ingress import Gate, build_openai_app
 from shardline.deployments.openai_format import ResponseBuilder
 from shardline.deployments.replica import ModelReplica, take_delta
@@ -511,7 +512,7 @@ def test_direct_replica_rejections_name_the_field(local_app):
 
 
 @pytest.mark.parametrize("mode", ["positive", "negative"])
-def test_schemathesis_no_5xx_and_invalid_bodies_are_rejected(local_app, mode):
+def test_schemathesis_no_5xx_and_invalid_bodies_are_rejected(local_app, mode, tmp_path):
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings
     from schemathesis import GenerationMode
@@ -520,15 +521,20 @@ def test_schemathesis_no_5xx_and_invalid_bodies_are_rejected(local_app, mode):
 
     _, replica, _, small = local_app
     config = small.model_copy(update={"max_body_bytes": 4 << 20, "max_header_bytes": 16 << 10})  # no 413s here
-    app = build_openai_app(OpenAIService(config, Tokenizer(config.model), replica), Gate(), config)
+    store = BatchStore(tmp_path, config.model_name)  # the Files and Batches API too (batches are not started)
+    app = build_openai_app(OpenAIService(config, Tokenizer(config.model), replica), Gate(), config, store)
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     checks = [not_a_server_error, negative_data_rejection, status_code_conformance, content_type_conformance]
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"}
+    assert {op.path for op in operations} >= {
+        "/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
+        "/v1/files", "/v1/files/{file_id}", "/v1/files/{file_id}/content", "/v1/batches", "/v1/batches/{batch_id}",
+        "/v1/batches/{batch_id}/cancel",
+    }
     for operation in operations:
-        has_body = operation.method.upper() == "POST"
+        has_body = bool(operation.body.items)
         if mode == "negative" and not has_body:
-            continue  # nothing to make invalid in a GET without parameters
+            continue  # nothing to make invalid without a body (a path id may be any string)
         examples = 40 if has_body else 3
 
         @given(case=operation.as_strategy(generation_mode=GenerationMode(mode)))
