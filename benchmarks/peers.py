@@ -63,6 +63,10 @@ def vllm_env(kv_cache_gib: float = 4, cores: str | None = None) -> dict[str, str
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
+        # `python -m vllm...` would put its working directory first on sys.path; run from the
+        # repository root, our kernels/ folder would stand in for Hugging Face's `kernels`, which
+        # the peer's transformers imports.
+        PYTHONSAFEPATH="1",
     )
     preload = sorted(glob.glob(str(PEER_VENV / "tcmalloc" / "usr" / "lib" / "*" / "libtcmalloc_minimal.so.4")))[:1]
     iomp = PEER_VENV / "lib" / "libiomp5.so"

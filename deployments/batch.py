@@ -82,8 +82,9 @@ def create_job(
     base_url: str = "http://127.0.0.1:8000/v1",
     job_id: Optional[str] = None,
 ) -> JobDir:
-    """Check the input (ValueError before any compute) and write the job's directory."""
+    """Check the input and the model (ValueError before any compute) and write the job's directory."""
     info = batch_io.inspect(input_path, model)
+    check_model(model, mode, base_url)
     spec = JobSpec(
         job_id=job_id or new_job_id(),
         input_path=str(Path(input_path).resolve()),
@@ -100,6 +101,25 @@ def create_job(
         base_url=base_url,
     )
     return JobDir.create(job_dir, spec)
+
+
+def check_model(model: str, mode: str, base_url: str) -> None:
+    """ValueError when the job's model cannot run: not a folder or pulled alias (dedicated), not among
+    the app's models or the app not answering (fleet)."""
+    if mode == "dedicated":
+        from shardline.engine.pull import resolve_model
+
+        resolve_model(model)
+        return
+    import httpx
+
+    try:
+        listed = httpx.get(base_url.rstrip("/") + "/models", timeout=30).json()
+        names = [m["id"] for m in listed.get("data", [])]
+    except (httpx.HTTPError, ValueError, KeyError, AttributeError) as e:
+        raise ValueError(f"no OpenAI app answers at {base_url}: {type(e).__name__}: {e}") from None
+    if model not in names:
+        raise ValueError(f"model {model!r} is not served at {base_url} (it serves {names})")
 
 
 def shards_of(job: JobDir, wanted: set[int]) -> Iterator[tuple[Shard, list[BatchRow]]]:
@@ -130,7 +150,7 @@ class _Slot:
 
     handle: Any
     last_key: str = ""
-    running: Optional[tuple[Any, Shard, list[BatchRow], int]] = None  # (ref, shard, rows, attempt)
+    running: Optional[tuple[Any, Shard, list[BatchRow], int, Any]] = None  # (ref, shard, rows, attempt, handle)
 
 
 @dataclass
@@ -178,20 +198,35 @@ class Driver:
         cpus = float(engine.get("num_cpus", 1)) * int(engine.get("tensor_parallel_size", 1))
         return {"num_cpus": cpus, "num_gpus": float(engine.get("num_gpus", 0)), "max_restarts": 0}
 
-    def _new_slot(self) -> _Slot:
+    def _slots_per_engine(self) -> int:
+        from shardline.deployments.batch_worker import BatchEngine
+
+        return 1 if self.spec.mode == "fleet" else BatchEngine.SHARDS_IN_FLIGHT
+
+    def _new_engine(self) -> Any:
+        """A dedicated engine actor (fleet lanes need none: each shard is a task of its own)."""
+        if self.spec.mode == "fleet":
+            return None
         import ray
 
-        if self.spec.mode == "fleet":
-            return _Slot(None)  # a lane: each shard goes as a task of its own
         from shardline.deployments.batch_worker import BatchEngine
 
         engine = {k: v for k, v in self.spec.engine.items() if k not in ("num_cpus", "num_gpus")}
-        actor_cls = ray.remote(BatchEngine).options(**self._actor_options())
-        return _Slot(actor_cls.remote(self.spec.model, self.spec.model, engine))
+        options = dict(self._actor_options(), max_concurrency=BatchEngine.SHARDS_IN_FLIGHT + 1)
+        return ray.remote(BatchEngine).options(**options).remote(self.spec.model, self.spec.model, engine)
+
+    def _add_engine(self) -> None:
+        """One more engine, and its slots: shards it takes at once (the next fills in behind the last)."""
+        handle = self._new_engine()
+        self.slots.extend(_Slot(handle) for _ in range(self._slots_per_engine()))
+
+    @property
+    def num_engines(self) -> int:
+        return len(self.slots) // self._slots_per_engine()
 
     def _room_for_another(self) -> bool:
         """Whether the cluster has the CPUs (and GPUs) for one more engine actor right now."""
-        if len(self.slots) >= self.spec.concurrency[1]:
+        if self.num_engines >= self.spec.concurrency[1]:
             return False
         if self.spec.mode == "fleet":
             return True
@@ -206,7 +241,7 @@ class Driver:
             ref = _fleet_shard().remote(self.spec.base_url, rows, self.api_key)
         else:
             ref = slot.handle.run.remote(rows)
-        slot.running = (ref, shard, rows, attempt)
+        slot.running = (ref, shard, rows, attempt, slot.handle)
         slot.last_key = rows[0].cache_key() if rows else ""
 
     # ---- the loop --------------------------------------------------------------------
@@ -224,8 +259,8 @@ class Driver:
         source = shards_of(job, {s.index for s in pending})
         queue: collections.deque[tuple[Shard, list[BatchRow], int]] = collections.deque()
         try:
-            while len(self.slots) < spec.concurrency[0]:
-                self.slots.append(self._new_slot())
+            while self.num_engines < spec.concurrency[0]:
+                self._add_engine()
             exhausted = not pending
             while True:
                 if job.cancelled:
@@ -242,7 +277,7 @@ class Driver:
                 if exhausted and not queue and not busy:
                     break
                 if queue and len(busy) == len(self.slots) and self._room_for_another():
-                    self.slots.append(self._new_slot())
+                    self._add_engine()
                 for slot in self.slots:
                     if slot.running is None and queue:
                         self._submit(slot, *self._pick(queue, slot))
@@ -277,7 +312,7 @@ class Driver:
         import ray
 
         slot = next(s for s in self.slots if s.running is not None and s.running[0] == ref)
-        _, shard, rows, attempt = slot.running
+        _, shard, rows, attempt, handle = slot.running
         slot.running = None
         try:
             results: list[RowResult] = ray.get(ref)
@@ -286,24 +321,27 @@ class Driver:
             logger.warning("batch %s: shard %d failed on attempt %d: %s", self.spec.job_id, shard.index, attempt, why)
             if attempt >= MAX_ATTEMPTS:
                 raise _JobFailed(f"shard {shard.index} failed {attempt} times; last: {why}") from None
-            self._replace(slot)
+            self._replace(handle)
             self.progress.rows_retried += len(rows)
             queue.appendleft((shard, rows, attempt + 1))
             return
         self._write(shard, results)
 
-    def _replace(self, slot: _Slot) -> None:
-        """A fresh engine in place of one that died (fleet lanes need none: Serve replaces replicas)."""
-        if self.spec.mode == "fleet":
+    def _replace(self, dead: Any) -> None:
+        """A fresh engine in place of one that died, for every slot it served (fleet lanes need none:
+        Serve replaces its replicas; a second shard of the same dead engine finds it replaced)."""
+        if self.spec.mode == "fleet" or not any(s.handle is dead for s in self.slots):
             return
         import ray
 
         try:
-            ray.kill(slot.handle, no_restart=True)
+            ray.kill(dead, no_restart=True)
         except Exception:  # already gone
             pass
-        fresh = self._new_slot()
-        slot.handle, slot.last_key = fresh.handle, ""
+        fresh = self._new_engine()
+        for other in self.slots:
+            if other.handle is dead:
+                other.handle, other.last_key = fresh, ""
 
     def _write(self, shard: Shard, results: list[RowResult]) -> None:
         counts = ShardCounts(rows=len(results), failed=sum(1 for r in results if r.error is not None))
@@ -340,9 +378,9 @@ class Driver:
         import ray
 
         if self.spec.mode == "dedicated":
-            for slot in self.slots:
+            for handle in {id(s.handle): s.handle for s in self.slots}.values():
                 try:
-                    ray.kill(slot.handle, no_restart=True)
+                    ray.kill(handle, no_restart=True)
                 except Exception:
                     pass
         self.slots.clear()

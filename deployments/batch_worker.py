@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from pydantic import ValidationError
@@ -33,8 +35,23 @@ from shardline.deployments.protocol import ChatCompletionRequest, CompletionRequ
 from shardline.engine.outputs import RequestOutput
 
 
+@dataclass
+class _ShardRun:
+    """One `run` call's rows: results so far, requests still in the engine, and its wake-up."""
+
+    rows: list[BatchRow]
+    results: dict[int, RowResult] = field(default_factory=dict)
+    running: dict[str, tuple[BatchRow, Prepared]] = field(default_factory=dict)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
 class BatchEngine:
     """An engine that runs rows of one model.
+
+    `run` may be called by several threads at once (the Ray actor takes `SHARDS_IN_FLIGHT`
+    calls): every call's rows join one engine, which one thread steps, so the next shard's rows
+    fill the batch while the last rows of the one before are still decoding, instead of the batch
+    draining at every shard's end.
 
     Args:
         model: a model folder or pulled alias.
@@ -42,6 +59,8 @@ class BatchEngine:
         engine: EngineConfig settings (dtype, max_num_seqs, kv_cache_memory_gb, ...).
         max_logprobs, max_n: limits, as the server's.
     """
+
+    SHARDS_IN_FLIGHT = 2
 
     def __init__(
         self, model: str, served_model_name: str, engine: Optional[dict[str, Any]] = None,
@@ -56,31 +75,50 @@ class BatchEngine:
             raise ValueError(f"model {model} has no tokenizer: batch rows are text")
         self.prepare = RequestPreparer(served_model_name, self.engine.tokenizer, max_logprobs, max_n)
         self._ids = itertools.count()
+        self._lock = threading.Condition()
+        self._owner: dict[str, _ShardRun] = {}
+        self._stepper = threading.Thread(target=self._step_forever, name="batch-engine", daemon=True)
+        self._stepper.start()
 
     def ready(self) -> bool:
         return True
 
     def run(self, rows: list[BatchRow]) -> list[RowResult]:
         """Every row's result, in the rows' order."""
-        results: dict[int, RowResult] = {}
-        running: dict[str, tuple[BatchRow, Prepared]] = {}
-        for row in rows:
-            prepared = self._prepare(row, results)
-            if prepared is None:
-                continue
-            rid = f"batch-{next(self._ids)}"
-            try:
-                self.engine.add_request(rid, {"prompt_token_ids": prepared.prompts[0]}, prepared.params)
-            except ValueError as e:
-                results[row.index] = RowResult.failed(row, f"line {row.line}: {e}")
-                continue
-            running[rid] = (row, prepared)
-        while self.engine.has_unfinished_requests():
-            for out in self.engine.step(final_only=True):
-                if out.finished and out.request_id in running:
-                    row, prepared = running.pop(out.request_id)
-                    results[row.index] = self._result(row, prepared, out)
-        return [results[row.index] for row in rows]
+        shard = _ShardRun(rows)
+        with self._lock:
+            for row in rows:
+                prepared = self._prepare(row, shard.results)
+                if prepared is None:
+                    continue
+                rid = f"batch-{next(self._ids)}"
+                try:
+                    self.engine.add_request(rid, {"prompt_token_ids": prepared.prompts[0]}, prepared.params)
+                except ValueError as e:
+                    shard.results[row.index] = RowResult.failed(row, f"line {row.line}: {e}")
+                    continue
+                shard.running[rid] = (row, prepared)
+                self._owner[rid] = shard
+            if not shard.running:
+                shard.done.set()
+            self._lock.notify_all()
+        shard.done.wait()
+        return [shard.results[row.index] for row in rows]
+
+    def _step_forever(self) -> None:
+        while True:
+            with self._lock:
+                while not self.engine.has_unfinished_requests():
+                    self._lock.wait()
+                outputs = self.engine.step(final_only=True)
+                for out in outputs:
+                    shard = self._owner.pop(out.request_id, None) if out.finished else None
+                    if shard is None:
+                        continue
+                    row, prepared = shard.running.pop(out.request_id)
+                    shard.results[row.index] = self._result(row, prepared, out)
+                    if not shard.running:
+                        shard.done.set()
 
     def _prepare(self, row: BatchRow, results: dict[int, RowResult]) -> Optional[Prepared]:
         prepared = prepare_row(self.prepare, row)

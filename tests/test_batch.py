@@ -118,7 +118,8 @@ def test_a_killed_engine_actor_loses_no_row_and_redoes_one_shard(cluster, tiny, 
     out = read_results(tmp_path / "job")
     assert sorted(r["row_index"] for r in out) == list(range(160))  # every row once: none lost, none twice
     assert all(r["completion_tokens"] == 24 for r in out)
-    assert 0 < job.progress.rows_retried <= 0.1 * 160  # the work done twice: one shard's
+    # the work done twice: the shards the engine held (two: the next one fills in behind the last)
+    assert 0 < job.progress.rows_retried <= 2 * 8
 
 
 def test_a_killed_driver_leaves_a_job_that_resume_finishes(tiny, tmp_path):

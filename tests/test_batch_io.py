@@ -143,3 +143,14 @@ def test_outputs_have_one_row_per_input_row_in_order():
     (err,) = [json.loads(line) for line in errors.decode().splitlines()]
     assert ok["custom_id"] == "a" and ok["response"]["status_code"] == 200 and ok["error"] is None
     assert err["custom_id"] == "b" and err["response"]["status_code"] == 400 and err["error"]["line"] == 2
+
+
+def test_a_job_for_a_model_that_cannot_run_fails_before_any_compute(tmp_path):
+    from shardline.deployments.batch import create_job
+
+    _write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hi"}])
+    with pytest.raises(ValueError, match="neither a model folder nor a known alias"):
+        create_job(tmp_path / "in.jsonl", tmp_path / "job", model="no-such-model")
+    with pytest.raises(ValueError, match="no OpenAI app answers at http://127.0.0.1:9/v1"):
+        create_job(tmp_path / "in.jsonl", tmp_path / "job", model="m", mode="fleet", base_url="http://127.0.0.1:9/v1")
+    assert not (tmp_path / "job").exists()

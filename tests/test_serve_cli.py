@@ -65,23 +65,10 @@ def test_serve_answers_and_shuts_down_cleanly_on_sigint():
     port = free_port()
     ray_tmp = tempfile.mkdtemp(prefix="sl-ray-", dir="/tmp")  # short: Ray's socket paths live under it
     env = dict(os.environ, RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        shardline_command()
-        + ["serve", "--port", str(port), "--max-model-len", "2048", "--num-kv-blocks", "256", "--grace-period", "60"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    proc, output = start_serve(
+        ["--port", str(port), "--max-model-len", "2048", "--num-kv-blocks", "256", "--grace-period", "60"], env
     )
-    output: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        for line in proc.stdout:
-            output.append(line)
-            if line.startswith("  status:"):
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
     try:
-        assert ready.wait(240), "".join(output[-40:])
         banner = "".join(output)
         base = f"http://127.0.0.1:{port}"
         assert f"serving smollm2-135m at {base}/v1" in banner and f"curl {base}/v1/chat/completions" in banner
@@ -149,10 +136,11 @@ def test_port_left_in_time_wait_is_free_but_a_listener_is_not():
     check_port_free("127.0.0.1", port)
 
 
-def start_serve(model: Path, port: int, env: dict[str, str]) -> tuple[subprocess.Popen, list[str]]:
-    """`shardline serve` on `model` in the background; returns it and its output, once it serves."""
+def start_serve(flags: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, list[str]]:
+    """`shardline serve FLAGS` in the background; returns it and its output (stdout and stderr, as
+    read so far and on), once it serves."""
     proc = subprocess.Popen(
-        shardline_command() + ["serve", "--model", str(model), "--port", str(port), "--num-kv-blocks", "64"],
+        shardline_command() + ["serve", *flags],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=env["RAY_TMPDIR"],
     )
     output: list[str] = []
@@ -179,7 +167,8 @@ def test_status_finds_the_server_and_a_sigterm_stops_it_for_an_immediate_restart
     ray_tmp = tempfile.mkdtemp(prefix="sl-ray-", dir="/tmp")  # its address file and sessions: this test's own
     env = dict(os.environ, RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1")
     address_file = Path(ray_tmp) / "ray" / "ray_current_cluster"
-    proc, output = start_serve(model_dir, port, env)
+    flags = ["--model", str(model_dir), "--port", str(port), "--num-kv-blocks", "64"]
+    proc, output = start_serve(flags, env)
     try:
         address = address_file.read_text().strip()
         assert address.startswith("127.0.0.1:")
@@ -201,7 +190,7 @@ def test_status_finds_the_server_and_a_sigterm_stops_it_for_an_immediate_restart
         ]
         assert not address_file.exists()
 
-        proc, output = start_serve(model_dir, port, env)  # at once, on the same port
+        proc, output = start_serve(flags, env)  # at once, on the same port
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=60).status_code == 200
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0, "".join(output[-40:])
