@@ -172,8 +172,8 @@ def test_status_finds_the_server_and_a_sigterm_stops_it_for_an_immediate_restart
     try:
         address = address_file.read_text().strip()
         assert address.startswith("127.0.0.1:")
-        for flags in ([], ["--address", address]):
-            out = subprocess.run(shardline_command() + ["status", "--json", *flags], capture_output=True, text=True, env=env, timeout=120)
+        for where in ([], ["--address", address]):
+            out = subprocess.run(shardline_command() + ["status", "--json", *where], capture_output=True, text=True, env=env, timeout=120)
             assert out.returncode == 0, out.stderr[-2000:]
             report = json.loads(out.stdout)
             assert [len(d["replicas"]) for d in report["deployments"] if d["name"] == "ModelReplica"] == [1]
